@@ -1,0 +1,1 @@
+"""gbif-embed's launcher: options, the graph and the command line."""

@@ -1,0 +1,52 @@
+"""The pipeline graph: export → tasks → fetch → decode → embed → Parquet → snapshot.
+
+Data flows one way; every stage sends what it could not do to the failures
+output, so each image row ends as an embedding, a failure or a counted skip.
+"""
+from __future__ import annotations
+
+import apache_beam as beam
+
+from pipeline.options import GbifEmbedOptions
+from transforms.decode import DecodeImages
+from transforms.embed import Embed, HubImageEmbedder
+from transforms.fetch import FetchConfig, FetchImages
+from transforms.read_export import ReadExport
+from transforms.records import FAILURES
+from transforms.snapshot import PublishSnapshot, join
+from transforms.tally import TALLY, MergeTallies
+from transforms.write import FAILURE_SCHEMA, WriteParquet, embedding_schema
+
+
+def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: dict,
+          model_fingerprint: str, inference_threads: int) -> None:
+    folder = join(opts.output, snapshot)
+    schemas = {"embeddings": embedding_schema(opts.embedding_dim), "failures": FAILURE_SCHEMA}
+    embedder = HubImageEmbedder(
+        opts.model, batch_size=opts.batch_size, threads=inference_threads,
+        precision=opts.precision,
+        resource_hints={"min_ram": opts.inference_min_ram, "accelerator": opts.accelerator})
+
+    tasks, read_tally = p | "ReadExport" >> ReadExport(opts.export, opts.max_images)
+    fetched = (tasks
+               | "Distribute" >> beam.Reshuffle()
+               | "Fetch" >> beam.ParDo(FetchImages(FetchConfig.from_options(opts)))
+               .with_outputs(FAILURES, TALLY, main="images"))
+    decoded = (fetched.images
+               | "Decode" >> beam.ParDo(DecodeImages(opts.resize, opts.max_image_pixels,
+                                                     opts.decode_threads))
+               .with_outputs(FAILURES, TALLY, main="pixels"))
+    rows, embed_failures = decoded.pixels | "Embed" >> Embed(embedder, model_fingerprint)
+
+    failures = ((fetched.failures, decoded.failures, embed_failures)
+                | "AllFailures" >> beam.Flatten())
+    written = rows | "WriteEmbeddings" >> WriteParquet(folder, "embeddings",
+                                                       schemas["embeddings"])
+    failed = failures | "WriteFailures" >> WriteParquet(folder, "failures", FAILURE_SCHEMA)
+    tally = ((read_tally, fetched[TALLY], decoded[TALLY],
+              failures | "CountFailures" >> beam.Map(
+                  lambda f: {f"failed.{f['stage']}.{f['reason']}": 1}))
+             | "AllTallies" >> beam.Flatten()
+             | "MergeTallies" >> beam.CombineGlobally(MergeTallies()))
+    _ = (written, failed, tally) | "Publish" >> PublishSnapshot(
+        opts.output, snapshot, manifest, schemas)

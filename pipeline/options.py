@@ -1,0 +1,81 @@
+"""Pipeline options of gbif-embed.
+
+They are Beam pipeline options (not a separate argparse layer) so that every
+worker, on every runner, sees the same values the launcher parsed.
+"""
+from __future__ import annotations
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+DEFAULT_USER_AGENT = (
+    "gbif-embed/0.1 (+https://github.com/gbif-embed/gbif-embed; "
+    "image embeddings for GBIF occurrence downloads)")
+
+
+class GbifEmbedOptions(PipelineOptions):
+    """Options of `gbif-embed run`; every other flag is a Beam option."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        group = parser.add_argument_group("gbif-embed")
+        add = group.add_argument
+        # Inputs and outputs.
+        add("--export", help="GBIF DwC-A download: a .zip or an unzipped folder, "
+            "local or gs://")
+        add("--model", help="Folder of the TF1 Hub-format embedder (local or gs://)")
+        add("--output", help="Output folder (local or gs://); holds LATEST and snapshots")
+        add("--embedding_dim", type=int, default=256,
+            help="Width of the model's output vector")
+        add("--batch_size", type=int, default=16, help="Images per inference call")
+        add("--resize", choices=("squash", "center_crop"), default="squash",
+            help="squash: the whole image to 299x299; center_crop: the central "
+            "square, then 299x299")
+        add("--precision", choices=("float32", "bfloat16"), default="float32",
+            help="bfloat16 uses oneDNN mixed precision where the CPU supports it")
+        add("--inference_threads", type=int, default=0,
+            help="TensorFlow threads per worker process (0: the process's share "
+            "of the cores)")
+        add("--max_images", type=int, default=0,
+            help="Stop after this many image rows of the export (0: all)")
+        # Fetching.
+        add("--fetch_concurrency", type=int, default=32,
+            help="Requests in flight per worker process")
+        add("--per_host_concurrency", type=int, default=8,
+            help="Requests in flight to one host per worker process")
+        add("--per_host_rate", type=float, default=20.0,
+            help="Requests per second to one host per worker process (starting "
+            "rate; 429/503 lower it)")
+        add("--max_attempts", type=int, default=4,
+            help="Tries per URL, counting the first, for transient failures")
+        add("--connect_timeout", type=float, default=10.0, help="Seconds")
+        add("--read_timeout", type=float, default=30.0, help="Seconds between bytes")
+        add("--fetch_timeout", type=float, default=120.0,
+            help="Seconds for one URL, all tries and waits included")
+        add("--max_redirects", type=int, default=5)
+        add("--max_image_bytes", type=int, default=30 * 1024 * 1024)
+        add("--max_image_pixels", type=int, default=100_000_000,
+            help="Images with more pixels are refused as decompression bombs")
+        add("--user_agent", default=DEFAULT_USER_AGENT)
+        add("--allow_private_networks", default="",
+            help="Comma-separated CIDRs that may be fetched although they are "
+            "loopback, private, link-local or metadata addresses")
+        add("--image_source", choices=("identifier", "gbif_cache"),
+            default="identifier",
+            help="identifier: the publisher's URL; gbif_cache: GBIF's image cache")
+        add("--decode_threads", type=int, default=2,
+            help="Decoding threads per worker process")
+        # Refreshing.
+        add("--full", action="store_true", default=False,
+            help="Redo every image instead of reusing the previous snapshot")
+        add("--revalidate", action="store_true", default=False,
+            help="Ask hosts whether reused images changed (conditional requests)")
+        add("--keep_snapshots", type=int, default=0,
+            help="Keep this many snapshots, pruning older ones (0: keep all)")
+        # Resource hints for the inference step.
+        add("--inference_min_ram", default=None,
+            help="Resource hint for the inference step, e.g. 8GB")
+        add("--accelerator", default=None,
+            help="Resource hint for the inference step, e.g. "
+            "type:nvidia-tesla-t4;count:1;install-nvidia-driver")
+        add("--quiet", action="store_true", default=False,
+            help="No progress display")

@@ -1,0 +1,90 @@
+"""A DoFn base that works on several elements at once on a bounded thread pool.
+
+Fetching waits on the network and decoding runs in C code that releases the
+GIL, so both overlap with inference when they run on threads. The number of
+elements in flight is bounded, so memory stays flat however large the input,
+and every submitted element is drained before the bundle ends, so none is lost.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+from typing import Any, Iterable, Iterator
+
+import apache_beam as beam
+from apache_beam.pvalue import TaggedOutput
+from apache_beam.utils.windowed_value import WindowedValue
+
+from transforms.tally import Tally, tally_outputs
+
+
+class ThreadedDoFn(beam.DoFn):
+    """Runs `work(element)` on a thread pool; outputs leave in completion order.
+
+    Subclasses implement `work`, which must not raise: it returns the element's
+    outputs (plain values or `TaggedOutput`s). An exception that escapes `work`
+    anyway fails the bundle, which the runner retries, rather than losing the
+    element silently.
+
+    `self.tally` collects counts for the manifest; it is emitted on the
+    `tally` output at the end of each bundle.
+    """
+
+    def __init__(self, threads: int, max_in_flight: int = 0):
+        self._threads = max(1, int(threads))
+        self._max_in_flight = max(self._threads, int(max_in_flight or 2 * self._threads))
+        self._pool = None
+        self._pending: collections.deque = collections.deque()
+        self.tally = Tally()
+
+    def work(self, element: Any) -> Iterable[Any]:
+        raise NotImplementedError
+
+    def setup(self):
+        self.tally = Tally()
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            self._threads, thread_name_prefix=type(self).__name__)
+
+    def start_bundle(self):
+        self._pending = collections.deque()
+
+    def process(self, element, window=beam.DoFn.WindowParam,
+                timestamp=beam.DoFn.TimestampParam):
+        self._pending.append(
+            (self._pool.submit(lambda: list(self.work(element))), window, timestamp))
+        yield from self._drain(keep=self._max_in_flight - 1)
+
+    def finish_bundle(self):
+        yield from self._drain(keep=0)
+        yield from tally_outputs(self.tally)
+
+    def teardown(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def _drain(self, keep: int) -> Iterator[Any]:
+        """Emit finished work; block until at most `keep` elements are in flight."""
+        while self._pending:
+            done = [entry for entry in self._pending if entry[0].done()]
+            if not done:
+                if len(self._pending) <= keep:
+                    return
+                concurrent.futures.wait(
+                    [entry[0] for entry in self._pending],
+                    return_when=concurrent.futures.FIRST_COMPLETED)
+                continue
+            for entry in done:
+                self._pending.remove(entry)
+                future, window, timestamp = entry
+                for output in future.result():
+                    yield _windowed(output, window, timestamp)
+            if len(self._pending) <= keep:
+                return
+
+
+def _windowed(output: Any, window, timestamp) -> Any:
+    """Outputs keep the window of the element that produced them."""
+    if isinstance(output, TaggedOutput):
+        return TaggedOutput(output.tag, WindowedValue(output.value, timestamp, [window]))
+    return WindowedValue(output, timestamp, [window])

@@ -1,0 +1,237 @@
+"""Embedding images with the fungi embedder on each worker, in batches.
+
+Beam's own TensorFlow handler loads models through Keras, which cannot load
+TF1 Hub-format modules under Keras 3, so this handler goes through
+`tensorflow_hub.load` and calls the module's `image_feature_vector`
+signature. The model is loaded from its path on the worker (never pickled
+from the launcher), once per worker process, by RunInference's shared handle.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import os
+import posixpath
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Sequence
+
+import apache_beam as beam
+import fsspec
+import numpy as np
+from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
+from apache_beam.pvalue import TaggedOutput
+
+from transforms.records import FAILURES, failure
+
+INPUT_KEY = "images"
+OUTPUT_KEY = "default"
+SIGNATURES = ("image_feature_vector", "default")
+INPUT_SHAPE = (299, 299, 3)
+WITHDRAWN_HOSTS = ("tfhub.dev", "kaggle.com/models", "storage.googleapis.com/tfhub-modules")
+
+_LOG = logging.getLogger(__name__)
+_LOCALIZE_LOCK = threading.Lock()
+
+
+class ModelError(ValueError):
+    """The model cannot be used; says what was expected and what was found."""
+
+
+def fingerprint(model_dir: str) -> str:
+    """A content hash of the model's files: rows of different models never mix."""
+    fs, _, (root,) = fsspec.get_fs_token_paths(model_dir)
+    digest = hashlib.sha256()
+    for path in sorted(fs.find(root)):
+        rel = posixpath.relpath(path, root)
+        digest.update(rel.encode() + b"\0")
+        file_digest = hashlib.sha256()
+        with fs.open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                file_digest.update(chunk)
+        digest.update(file_digest.digest())
+    return "sha256:" + digest.hexdigest()[:32]
+
+
+def localize(model_uri: str) -> str:
+    """A local folder holding the model: remote copies (gs://) are fetched once
+    per process into a temporary folder, because TF Hub loads from files."""
+    if _is_withdrawn_address(model_uri):
+        raise ModelError(_withdrawn_message(model_uri))
+    fs, _, (root,) = fsspec.get_fs_token_paths(model_uri)
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        return root
+    with _LOCALIZE_LOCK:
+        target = os.path.join(tempfile.gettempdir(), "gbif-embed-models",
+                              hashlib.sha256(model_uri.encode()).hexdigest()[:16])
+        if not os.path.exists(os.path.join(target, ".complete")):
+            shutil.rmtree(target, ignore_errors=True)
+            fs.get(root.rstrip("/") + "/", target, recursive=True)
+            open(os.path.join(target, ".complete"), "w").close()
+    return target
+
+
+def _is_withdrawn_address(uri: str) -> bool:
+    return uri.startswith(("http://", "https://")) and any(h in uri for h in WITHDRAWN_HOSTS)
+
+
+def _withdrawn_message(uri: str) -> str:
+    return (f"cannot load {uri}: the fungi embedder svampeatlas/vision/embedder/fungi_V2/1 "
+            "was withdrawn from TF Hub on 2024-03-18 and is not on Kaggle Models, so no "
+            "address can serve it. Pass the folder of your own copy (tfhub_module.pb, "
+            "saved_model.pb, variables/) with --model PATH (local or gs://), or build the "
+            "stand-in with `gbif-embed make-model --out DIR`.")
+
+
+def configure_tensorflow(threads: int = 0, precision: str = "float32") -> None:
+    """Thread pools and precision must be set before TensorFlow starts its runtime."""
+    import tensorflow as tf
+    if threads > 0:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+        except RuntimeError:
+            _LOG.info("TensorFlow already running in this process; keeping its threads")
+    if precision == "bfloat16":
+        tf.config.optimizer.set_experimental_options(
+            {"auto_mixed_precision_onednn_bfloat16": True})
+
+
+def cpu_supports_bfloat16() -> bool:
+    """oneDNN runs bfloat16 fast only with AVX512-BF16 or AMX."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@dataclass
+class LoadedModel:
+    """The hub module (kept alive) and its uint8 → embedding function."""
+    module: Any
+    embed: Any
+
+
+def load(model_uri: str):
+    """hub.load plus a function that scales uint8 pixels inside the graph."""
+    import tensorflow as tf
+    import tensorflow_hub as hub
+    local = localize(model_uri)
+    try:
+        module = hub.load(local)
+    except Exception as err:
+        raise ModelError(f"expected a TF1 Hub-format module or SavedModel folder at "
+                         f"{model_uri}; loading it failed: {err}") from err
+    signature = _signature(module, model_uri)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, *INPUT_SHAPE], tf.uint8)])
+    def embed(images):
+        return signature(**{INPUT_KEY: tf.cast(images, tf.float32) / 255.0})[OUTPUT_KEY]
+
+    return LoadedModel(module, embed)
+
+
+def _signature(module, model_uri: str):
+    signatures = getattr(module, "signatures", {}) or {}
+    for name in SIGNATURES:
+        if name in signatures:
+            return signatures[name]
+    raise ModelError(f"expected a signature named {' or '.join(SIGNATURES)} in {model_uri}; "
+                     f"found {sorted(signatures) or 'none'}")
+
+
+def check_contract(model_uri: str, embedding_dim: int) -> None:
+    """Fails at launch, before any image is fetched, if the model does not fit."""
+    import tensorflow as tf
+    model = load(model_uri)
+    signature = _signature(model.module, model_uri)
+    args, kwargs = signature.structured_input_signature
+    if INPUT_KEY not in kwargs:
+        raise ModelError(f"expected the input key '{INPUT_KEY}' in {model_uri}; found "
+                         f"{sorted(kwargs) or list(args)}")
+    spec = kwargs[INPUT_KEY]
+    shape = tuple(spec.shape.as_list())
+    if spec.dtype != tf.float32 or len(shape) != 4 or tuple(shape[1:]) != INPUT_SHAPE:
+        raise ModelError(f"expected input '{INPUT_KEY}' float32 [None, 299, 299, 3]; found "
+                         f"{spec.dtype.name} {list(shape)} in {model_uri}")
+    outputs = signature.structured_outputs
+    if OUTPUT_KEY not in outputs:
+        raise ModelError(f"expected the output key '{OUTPUT_KEY}' in {model_uri}; found "
+                         f"{sorted(outputs)}")
+    result = model.embed(np.zeros((1, *INPUT_SHAPE), np.uint8)).numpy()
+    if result.shape != (1, embedding_dim) or result.dtype != np.float32:
+        raise ModelError(f"expected output '{OUTPUT_KEY}' float32 [None, {embedding_dim}] "
+                         f"(--embedding_dim {embedding_dim}); found {result.dtype} "
+                         f"[None, {', '.join(map(str, result.shape[1:]))}] in {model_uri}")
+
+
+class HubImageEmbedder(ModelHandler[np.ndarray, np.ndarray, LoadedModel]):
+    """uint8 299×299×3 images → float32 embeddings, in fixed-size batches."""
+
+    def __init__(self, model_uri: str, batch_size: int = 16, threads: int = 0,
+                 precision: str = "float32", resource_hints: Optional[dict] = None):
+        super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
+        self._model_uri = model_uri
+        self._threads = threads
+        self._precision = precision
+        self._resource_hints = {k: v for k, v in (resource_hints or {}).items() if v}
+
+    def load_model(self) -> LoadedModel:
+        configure_tensorflow(self._threads, self._precision)
+        return load(self._model_uri)
+
+    def run_inference(self, batch: Sequence[np.ndarray], model: LoadedModel,
+                      inference_args: Optional[dict] = None) -> Iterable[np.ndarray]:
+        return list(model.embed(np.stack(batch)).numpy())
+
+    def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
+        return sum(image.nbytes for image in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return "embed"
+
+    def get_resource_hints(self) -> dict:
+        return self._resource_hints
+
+
+class _ToRow(beam.DoFn):
+    """Model output → output row; the input image is dropped right here."""
+
+    def __init__(self, model_fingerprint: str):
+        self._fingerprint = model_fingerprint
+
+    def process(self, keyed):
+        meta, result = keyed
+        yield dict(meta, embedding=np.asarray(result.inference, dtype=np.float32),
+                   model_fingerprint=self._fingerprint,
+                   embedded_at=datetime.datetime.now(datetime.timezone.utc))
+
+
+def _failed_batch(failed) -> Iterable[dict]:
+    batch, error = failed
+    for meta, _ in batch:
+        yield failure(meta, "embed", "inference_error", f"{type(error).__name__}: {error}",
+                      meta.get("http_status"), meta.get("attempts", 0))
+
+
+class Embed(beam.PTransform):
+    """Decoded images → (embedding rows, failure rows)."""
+
+    def __init__(self, handler: HubImageEmbedder, model_fingerprint: str):
+        super().__init__()
+        self._handler = handler
+        self._fingerprint = model_fingerprint
+
+    def expand(self, decoded):
+        keyed = decoded | "SplitPixels" >> beam.Map(
+            lambda d: ({k: v for k, v in d.items() if k != "pixels"}, d["pixels"]))
+        results, dead = (keyed | "RunInference" >> RunInference(
+            KeyedModelHandler(self._handler)).with_exception_handling())
+        rows = results | "ToRow" >> beam.ParDo(_ToRow(self._fingerprint))
+        failures = dead.failed_inferences | "FailedBatches" >> beam.FlatMap(_failed_batch)
+        return rows, failures

@@ -1,0 +1,156 @@
+"""Publishing a snapshot: manifest first, then the LATEST pointer.
+
+A run writes into a new snapshot folder that nothing points at. Only after
+every file of the run is written does this step, inside the pipeline (so it
+behaves the same on every runner), delete orphans of retried bundles, write
+`manifest.json`, and then switch `OUTPUT/LATEST` to the new folder. A run
+that dies before that leaves LATEST and the previous snapshot untouched.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import posixpath
+import uuid
+from typing import Optional
+
+import apache_beam as beam
+import fsspec
+import pyarrow.parquet as pq
+
+LATEST = "LATEST"
+MANIFEST = "manifest.json"
+
+
+def new_snapshot_name(now: Optional[datetime.datetime] = None) -> str:
+    """Sortable and unique: runs started in the same second do not collide."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    return f"snapshot-{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+
+
+def join(output: str, *parts: str) -> str:
+    return posixpath.join(output.rstrip("/"), *parts)
+
+
+def read_latest(output: str) -> Optional[str]:
+    """The current snapshot's folder name, or None when there is none yet."""
+    fs, _, (path,) = fsspec.get_fs_token_paths(join(output, LATEST))
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as handle:
+        name = handle.read().strip()
+    return name or None
+
+
+def read_manifest(output: str, snapshot: Optional[str] = None) -> dict:
+    snapshot = snapshot or read_latest(output)
+    if snapshot is None:
+        raise FileNotFoundError(f"{output} holds no snapshot (no {LATEST} file)")
+    with fsspec.open(join(output, snapshot, MANIFEST), "r") as handle:
+        return json.load(handle)
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Readers see the old content or the new, never a half-written file."""
+    fs, _, (local,) = fsspec.get_fs_token_paths(path)
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        tmp = f"{local}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, local)
+        return
+    with fs.open(local, "w") as handle:  # object stores publish on close
+        handle.write(text)
+
+
+def summarize(tally: dict, embeddings: list, failures: list) -> dict:
+    """The manifest's counts: every image row is embedded, failed or skipped."""
+    skipped = {k.split(".", 1)[1]: v for k, v in tally.items() if k.startswith("skipped.")}
+    failed_by_reason: dict = {}
+    for key, value in tally.items():
+        if key.startswith("failed."):
+            failed_by_reason[key.split(".", 1)[1]] = value
+    embedded = sum(rows for _, rows in embeddings)
+    failed = sum(rows for _, rows in failures)
+    return {
+        "export_rows": tally.get("export.rows", 0),
+        "embedded": embedded,
+        "failed": failed,
+        "skipped": sum(skipped.values()),
+        "accounted": embedded + failed + sum(skipped.values()),
+        "skipped_by_reason": dict(sorted(skipped.items())),
+        "failed_by_reason": dict(sorted(failed_by_reason.items())),
+        "reused": tally.get("refresh.reused", 0),
+        "new": tally.get("refresh.new", 0),
+        "reembedded": tally.get("refresh.reembedded", 0),
+        "removed": tally.get("refresh.removed", 0),
+        "retried_failures": tally.get("refresh.retried_failures", 0),
+    }
+
+
+class _Publish(beam.DoFn):
+    def __init__(self, output: str, snapshot: str, manifest: dict, schemas: dict):
+        self._output = output
+        self._snapshot = snapshot
+        self._manifest = manifest
+        self._schemas = schemas
+
+    def process(self, _, embeddings, failures, tally):
+        folder = join(self._output, self._snapshot)
+        files = {"embeddings": list(embeddings), "failures": list(failures)}
+        for prefix, written in files.items():
+            _delete_orphans(folder, prefix, {path for path, _ in written})
+            if not written:  # readers globbing `<prefix>-*.parquet` find the schema
+                path = join(folder, f"{prefix}-empty.parquet")
+                with fsspec.open(path, "wb") as handle:
+                    pq.write_table(self._schemas[prefix].empty_table(), handle)
+                written.append((path, 0))
+        finished = datetime.datetime.now(datetime.timezone.utc)
+        manifest = dict(self._manifest)
+        launched = datetime.datetime.fromisoformat(manifest["launched_at"])
+        seconds = (finished - launched).total_seconds()
+        counts = summarize(tally, files["embeddings"], files["failures"])
+        processed = counts["embedded"] - counts["reused"] + counts["failed"]
+        manifest.update({
+            "finished_at": finished.isoformat(),
+            "counts": counts,
+            "files": {prefix: [{"path": posixpath.basename(p), "rows": n}
+                               for p, n in sorted(written)]
+                      for prefix, written in files.items()},
+            "fetch": {k: v for k, v in tally.items() if k.startswith("fetch.")},
+            "timings": {"seconds": round(seconds, 3),
+                        "images_per_second": round(processed / seconds, 3) if seconds else None},
+            "tally": tally,
+        })
+        write_atomically(join(folder, MANIFEST), json.dumps(manifest, indent=2, default=str))
+        write_atomically(join(self._output, LATEST), self._snapshot + "\n")
+        yield manifest
+
+
+def _delete_orphans(folder: str, prefix: str, keep: set) -> None:
+    fs, _, (root,) = fsspec.get_fs_token_paths(folder)
+    keep_local = {fsspec.get_fs_token_paths(p)[2][0] for p in keep}
+    for path in fs.glob(posixpath.join(root, f"{prefix}-*.parquet")):
+        if path not in keep_local:
+            fs.rm(path)
+
+
+class PublishSnapshot(beam.PTransform):
+    """Runs once, after both writers finished: the side inputs wait for them."""
+
+    def __init__(self, output: str, snapshot: str, manifest: dict, schemas: dict):
+        super().__init__()
+        self._args = (output, snapshot, manifest, schemas)
+
+    def expand(self, written):
+        embeddings, failures, tally = written
+        return (embeddings.pipeline
+                | "Once" >> beam.Create([None])
+                | "Publish" >> beam.ParDo(
+                    _Publish(*self._args),
+                    beam.pvalue.AsList(embeddings),
+                    beam.pvalue.AsList(failures),
+                    beam.pvalue.AsSingleton(tally)))

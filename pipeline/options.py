@@ -55,7 +55,8 @@ class GbifEmbedOptions(PipelineOptions):
         add("--max_image_bytes", type=int, default=30 * 1024 * 1024)
         add("--max_image_pixels", type=int, default=100_000_000,
             help="Images with more pixels are refused as decompression bombs")
-        add("--user_agent", default=DEFAULT_USER_AGENT)
+        # --user_agent is Beam's own option (SetupOptions); when it is unset the
+        # fetcher sends DEFAULT_USER_AGENT.
         add("--allow_private_networks", default="",
             help="Comma-separated CIDRs that may be fetched although they are "
             "loopback, private, link-local or metadata addresses")

@@ -187,6 +187,7 @@ class HubImageEmbedder(ModelHandler[np.ndarray, np.ndarray, LoadedModel]):
 
     def run_inference(self, batch: Sequence[np.ndarray], model: LoadedModel,
                       inference_args: Optional[dict] = None) -> Iterable[np.ndarray]:
+        # Bare vectors: a PredictionResult would keep the 268 kB input image alive.
         return list(model.embed(np.stack(batch)).numpy())
 
     def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
@@ -206,8 +207,8 @@ class _ToRow(beam.DoFn):
         self._fingerprint = model_fingerprint
 
     def process(self, keyed):
-        meta, result = keyed
-        yield dict(meta, embedding=np.asarray(result.inference, dtype=np.float32),
+        meta, vector = keyed  # run_inference returns bare vectors, not PredictionResults
+        yield dict(meta, embedding=np.asarray(vector, dtype=np.float32),
                    model_fingerprint=self._fingerprint,
                    embedded_at=datetime.datetime.now(datetime.timezone.utc))
 

@@ -63,6 +63,9 @@ class GbifEmbedOptions(PipelineOptions):
         add("--image_source", choices=("identifier", "gbif_cache"),
             default="identifier",
             help="identifier: the publisher's URL; gbif_cache: GBIF's image cache")
+        add("--mirror", default="",
+            help="OLD=NEW[,OLD=NEW]: fetch URLs that start with OLD from NEW instead "
+            "(a mirror of the image host); rows keep the original identifier")
         add("--decode_threads", type=int, default=2,
             help="Decoding threads per worker process")
         # Refreshing.

@@ -70,6 +70,7 @@ class FetchConfig:
     user_agent: str = DEFAULT_USER_AGENT
     allow_private_networks: tuple[str, ...] = ()
     image_source: str = "identifier"
+    mirrors: tuple[tuple[str, str], ...] = ()
     # Not options: tests shorten them so that retries take milliseconds.
     backoff_base: float = 0.5
     backoff_max: float = 30.0
@@ -82,6 +83,8 @@ class FetchConfig:
             nets = [n for n in nets.split(",")]
         object.__setattr__(self, "allow_private_networks",
                            tuple(n.strip() for n in (nets or ()) if n and n.strip()))
+        if isinstance(self.mirrors, str):
+            object.__setattr__(self, "mirrors", parse_mirrors(self.mirrors))
 
     @classmethod
     def from_options(cls, opts: Any) -> "FetchConfig":
@@ -101,6 +104,7 @@ class FetchConfig:
             user_agent=_user_agent(opts),
             allow_private_networks=opts.allow_private_networks or (),
             image_source=opts.image_source,
+            mirrors=parse_mirrors(opts.mirror or ""),
         )
 
     def host_overrides(self) -> dict[str, tuple[int, float]]:
@@ -115,6 +119,25 @@ def _user_agent(opts: Any) -> str:
     from apache_beam.options.pipeline_options import SetupOptions
     value = opts.view_as(SetupOptions).user_agent if hasattr(opts, "view_as") else None
     return value or DEFAULT_USER_AGENT
+
+
+def parse_mirrors(value: str) -> tuple[tuple[str, str], ...]:
+    """`OLD=NEW[,OLD=NEW]` URL prefixes; longest OLD first so the most specific wins."""
+    pairs = []
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        old, sep, new = item.partition("=")
+        if not sep or not old or not new:
+            raise ValueError(f"--mirror expects OLD_PREFIX=NEW_PREFIX, found {item!r}")
+        pairs.append((old, new))
+    return tuple(sorted(pairs, key=lambda pair: -len(pair[0])))
+
+
+def mirrored(url: str, mirrors: tuple[tuple[str, str], ...]) -> str:
+    """The URL to request when the images are also served from a mirror."""
+    for old, new in mirrors:
+        if url.startswith(old):
+            return new + url[len(old):]
+    return url
 
 
 def source_url(task: dict, image_source: str = "identifier") -> str:
@@ -875,7 +898,7 @@ class FetchImages(ThreadedDoFn):
 
     def work(self, task: dict) -> list:
         try:
-            url = source_url(task, self.config.image_source)
+            url = mirrored(source_url(task, self.config.image_source), self.config.mirrors)
         except ValueError as exc:
             result = FetchResult(False, reason="invalid_url", detail=str(exc))
         else:

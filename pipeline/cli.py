@@ -40,12 +40,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "`gbif-embed COMMAND --help` lists a command's options.",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
     try:
         return commands[argv[0]](argv[1:])
     except (UsageError, ExportError, ValueError) as err:
         print(f"gbif-embed {argv[0]}: error: {err}", file=sys.stderr)
         return 2
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal for our own output: TensorFlow's C++ start-up lines
+    (including a harmless cuInit error on machines without a GPU) and a Beam
+    warning that repeats per batch when torch is not installed."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().addFilter(
+        lambda record: "Resource module is not available" not in record.getMessage())
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
 def make_model_command(argv: Sequence[str]) -> int:

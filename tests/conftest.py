@@ -23,3 +23,46 @@ def shared_path(*parts: str) -> pathlib.Path:
         pytest.skip(f"needs {path}: real third-party data read in place from ../shared, "
                     "absent on this machine")
     return path
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+    """A GCS emulator on loopback (gcp-storage-emulator); yields `gs://<bucket>`.
+
+    gcsfs and Beam's GCS client both honour STORAGE_EMULATOR_HOST.
+    """
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    import fsspec
+    executable = shutil.which("gcp-storage-emulator") or os.path.join(
+        os.path.dirname(sys.executable), "gcp-storage-emulator")
+    port, bucket = _free_port(), "gbif-embed-test"
+    process = subprocess.Popen(
+        [executable, "start", "--port", str(port), "--in-memory", "--default-bucket", bucket],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://localhost:{port}"
+    fsspec.filesystem("gs").invalidate_cache()
+    deadline = time.time() + 30
+    while True:
+        try:
+            fsspec.filesystem("gs", skip_instance_cache=True).ls(bucket)
+            break
+        except Exception:
+            if time.time() > deadline or process.poll() is not None:
+                process.kill()
+                raise RuntimeError("the GCS emulator did not start")
+            time.sleep(0.2)
+    yield f"gs://{bucket}"
+    process.terminate()
+    process.wait(timeout=10)
+    os.environ.pop("STORAGE_EMULATOR_HOST", None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import logging
 import os
 import posixpath
@@ -64,13 +65,20 @@ def localize(model_uri: str) -> str:
     fs, _, (root,) = fsspec.get_fs_token_paths(model_uri)
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         return root
+    # Keyed by the remote files' names, sizes and checksums: a replaced model
+    # at the same address is fetched again.
+    listing = fs.find(root, detail=True)
+    identity = json.dumps(sorted((name, info.get("size"), info.get("md5Hash") or
+                                  info.get("etag") or info.get("ETag") or info.get("mtime"))
+                                 for name, info in listing.items()), default=str)
     with _LOCALIZE_LOCK:
         target = os.path.join(tempfile.gettempdir(), "gbif-embed-models",
-                              hashlib.sha256(model_uri.encode()).hexdigest()[:16])
-        if not os.path.exists(os.path.join(target, ".complete")):
+                              hashlib.sha256(identity.encode()).hexdigest()[:16])
+        done = target + ".complete"  # outside the folder: not part of the fingerprint
+        if not os.path.exists(done):
             shutil.rmtree(target, ignore_errors=True)
             fs.get(root.rstrip("/") + "/", target, recursive=True)
-            open(os.path.join(target, ".complete"), "w").close()
+            open(done, "w").close()
     return target
 
 

@@ -19,7 +19,7 @@ from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions
 
 from pipeline.options import GbifEmbedOptions
 from transforms.read_export import Archive, ExportError, read_identity, read_spec
-from transforms.snapshot import new_snapshot_name, read_latest, read_manifest
+from transforms.snapshot import join, new_snapshot_name, read_latest, read_manifest
 
 LOCAL_RUNNERS = (None, "DirectRunner", "SwitchingDirectRunner")
 
@@ -106,9 +106,11 @@ def run(options: PipelineOptions) -> dict:
     model_fingerprint = fingerprint(localize(opts.model))
     previous = read_latest(opts.output)
     snapshot = new_snapshot_name()
+    mode = "full" if opts.full else ("refresh" if previous else "first run")
     manifest = {
         "snapshot": snapshot,
         "previous_snapshot": previous,
+        "refresh_mode": mode,
         "launched_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "export": identity,
         "model": {"uri": opts.model, "fingerprint": model_fingerprint,
@@ -118,7 +120,8 @@ def run(options: PipelineOptions) -> dict:
     pipeline = beam.Pipeline(runner=_runner(options), options=options)
     graph.build(pipeline, opts, snapshot=snapshot, manifest=manifest,
                 model_fingerprint=model_fingerprint,
-                inference_threads=_inference_threads(options))
+                inference_threads=_inference_threads(options),
+                previous_folder=join(opts.output, previous) if mode == "refresh" else None)
     pipeline.run().wait_until_finish()
     result = read_manifest(opts.output, snapshot)
     if not opts.quiet:
@@ -168,8 +171,11 @@ def print_summary(manifest: dict, output: str) -> None:
         lines.append(f"  failed   {reason}: {n}")
     for reason, n in counts["skipped_by_reason"].items():
         lines.append(f"  skipped  {reason}: {n}")
-    if counts.get("reused") or manifest.get("previous_snapshot"):
-        lines.append(f"reused     {counts['reused']} (from {manifest['previous_snapshot']})")
+    if manifest.get("previous_snapshot"):
+        lines.append(f"refresh    {manifest['refresh_mode']} from {manifest['previous_snapshot']}: "
+                     f"{counts['reused']} reused, {counts['new']} new, "
+                     f"{counts['reembedded']} re-embedded, {counts['removed']} removed, "
+                     f"{counts['retried_failures']} earlier failures retried")
     timings = manifest["timings"]
     lines.append(f"time       {timings['seconds']:.1f} s, "
                  f"{timings['images_per_second'] or 0:.2f} images/s")

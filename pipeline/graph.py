@@ -1,9 +1,11 @@
-"""The pipeline graph: export → tasks → fetch → decode → embed → Parquet → snapshot.
+"""The pipeline graph: export → tasks → (reuse | fetch → decode → embed) → Parquet → snapshot.
 
 Data flows one way; every stage sends what it could not do to the failures
 output, so each image row ends as an embedding, a failure or a counted skip.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import apache_beam as beam
 
@@ -12,14 +14,16 @@ from transforms.decode import DecodeImages
 from transforms.embed import Embed, HubImageEmbedder
 from transforms.fetch import FetchConfig, FetchImages
 from transforms.read_export import ReadExport
-from transforms.records import FAILURES
+from transforms.records import FAILURES, NOT_MODIFIED
+from transforms.refresh import CompareWithPrevious, SplitUnchanged
 from transforms.snapshot import PublishSnapshot, join
 from transforms.tally import TALLY, MergeTallies
 from transforms.write import FAILURE_SCHEMA, WriteParquet, embedding_schema
 
 
 def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: dict,
-          model_fingerprint: str, inference_threads: int) -> None:
+          model_fingerprint: str, inference_threads: int,
+          previous_folder: Optional[str] = None) -> None:
     folder = join(opts.output, snapshot)
     schemas = {"embeddings": embedding_schema(opts.embedding_dim), "failures": FAILURE_SCHEMA}
     embedder = HubImageEmbedder(
@@ -28,11 +32,15 @@ def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: 
         resource_hints={"min_ram": opts.inference_min_ram, "accelerator": opts.accelerator})
 
     tasks, read_tally = p | "ReadExport" >> ReadExport(opts.export, opts.max_images)
-    fetched = (tasks
+    to_fetch, reused, compare_tally = tasks | "CompareWithPrevious" >> CompareWithPrevious(
+        previous_folder, model_fingerprint, opts.revalidate)
+    fetched = (to_fetch
                | "Distribute" >> beam.Reshuffle()
                | "Fetch" >> beam.ParDo(FetchImages(FetchConfig.from_options(opts)))
-               .with_outputs(FAILURES, TALLY, main="images"))
-    decoded = (fetched.images
+               .with_outputs(FAILURES, NOT_MODIFIED, TALLY, main="images"))
+    changed, unchanged, split_tally = ((fetched.images, fetched[NOT_MODIFIED])
+                                       | "SplitUnchanged" >> SplitUnchanged())
+    decoded = (changed
                | "Decode" >> beam.ParDo(DecodeImages(opts.resize, opts.max_image_pixels,
                                                      opts.decode_threads))
                .with_outputs(FAILURES, TALLY, main="pixels"))
@@ -40,13 +48,15 @@ def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: 
 
     failures = ((fetched.failures, decoded.failures, embed_failures)
                 | "AllFailures" >> beam.Flatten())
-    written = rows | "WriteEmbeddings" >> WriteParquet(folder, "embeddings",
+    all_rows = (rows, reused, unchanged) | "AllRows" >> beam.Flatten()
+    written = all_rows | "WriteEmbeddings" >> WriteParquet(folder, "embeddings",
                                                        schemas["embeddings"])
     failed = failures | "WriteFailures" >> WriteParquet(folder, "failures", FAILURE_SCHEMA)
-    tally = ((read_tally, fetched[TALLY], decoded[TALLY],
+    tally = ((read_tally, compare_tally, fetched[TALLY], split_tally, decoded[TALLY],
+              rows | "CountInferences" >> beam.Map(lambda _: {"embed.inferred": 1}),
               failures | "CountFailures" >> beam.Map(
                   lambda f: {f"failed.{f['stage']}.{f['reason']}": 1}))
              | "AllTallies" >> beam.Flatten()
              | "MergeTallies" >> beam.CombineGlobally(MergeTallies()))
     _ = (written, failed, tally) | "Publish" >> PublishSnapshot(
-        opts.output, snapshot, manifest, schemas)
+        opts.output, snapshot, manifest, schemas, opts.keep_snapshots)

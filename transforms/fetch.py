@@ -37,6 +37,7 @@ from urllib3 import exceptions as u3e
 from pipeline.options import DEFAULT_USER_AGENT, GbifEmbedOptions
 from transforms.address_guard import AddressGuard, Verdict, pick_address
 from transforms.concurrency import ThreadedDoFn
+from transforms import progress
 from transforms.politeness import Politeness, shared
 from transforms.records import FAILURES, NOT_MODIFIED, failure
 from transforms.tally import latency_key
@@ -919,6 +920,7 @@ class FetchImages(ThreadedDoFn):
             if n:
                 self._metrics.inc(name, n)
                 self.tally.add(f"fetch.{name}", n)
+        progress.report("fetched" if result.ok else "fetch_failed")
         self._metrics.latency_ms(int(result.elapsed_s * 1000))
         self.tally.add(latency_key("fetch.latency_ms", result.elapsed_s))
 

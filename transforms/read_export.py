@@ -24,6 +24,7 @@ import apache_beam as beam
 import fsspec
 from apache_beam.pvalue import TaggedOutput
 
+from transforms import progress
 from transforms.tally import TALLY, Tally, tally_outputs
 
 MULTIMEDIA_ROW_TYPES = (
@@ -328,6 +329,7 @@ class ReadArchive(beam.DoFn):
                         continue
                     emitted += 1
                     tally.add("export.image_rows")
+                    progress.report("images")
                     yield key, dict(fields, identifier=one)
 
     def _occurrence_rows(self, archive: Archive, core: TableSpec, wanted: set[int],

@@ -26,7 +26,7 @@ MANIFEST = "manifest.json"
 def new_snapshot_name(now: Optional[datetime.datetime] = None) -> str:
     """Sortable and unique: runs started in the same second do not collide."""
     now = now or datetime.datetime.now(datetime.timezone.utc)
-    return f"snapshot-{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+    return f"snapshot-{now:%Y%m%dT%H%M%S}.{now.microsecond:06d}Z-{uuid.uuid4().hex[:4]}"
 
 
 def join(output: str, *parts: str) -> str:
@@ -92,11 +92,13 @@ def summarize(tally: dict, embeddings: list, failures: list) -> dict:
 
 
 class _Publish(beam.DoFn):
-    def __init__(self, output: str, snapshot: str, manifest: dict, schemas: dict):
+    def __init__(self, output: str, snapshot: str, manifest: dict, schemas: dict,
+                 keep_snapshots: int = 0):
         self._output = output
         self._snapshot = snapshot
         self._manifest = manifest
         self._schemas = schemas
+        self._keep = keep_snapshots
 
     def process(self, _, embeddings, failures, tally):
         folder = join(self._output, self._snapshot)
@@ -127,7 +129,25 @@ class _Publish(beam.DoFn):
         })
         write_atomically(join(folder, MANIFEST), json.dumps(manifest, indent=2, default=str))
         write_atomically(join(self._output, LATEST), self._snapshot + "\n")
+        if self._keep > 0:
+            prune(self._output, self._snapshot, self._keep)
         yield manifest
+
+
+def prune(output: str, current: str, keep: int) -> list[str]:
+    """Deletes snapshots older than the `keep` newest complete ones, and
+    folders of runs that died before publishing. Newer folders may belong to
+    runs still going, so they are left alone."""
+    fs, _, (root,) = fsspec.get_fs_token_paths(output)
+    fs.invalidate_cache()
+    names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False))
+    older = [n for n in names if n.startswith("snapshot-") and n < current]
+    complete = [n for n in older if fs.exists(posixpath.join(root, n, MANIFEST))]
+    kept = set(complete[len(complete) - (keep - 1):]) if keep > 1 else set()
+    removed = [n for n in older if n not in kept]
+    for name in removed:
+        fs.rm(posixpath.join(root, name), recursive=True)
+    return removed
 
 
 def _delete_orphans(folder: str, prefix: str, keep: set) -> None:
@@ -141,9 +161,10 @@ def _delete_orphans(folder: str, prefix: str, keep: set) -> None:
 class PublishSnapshot(beam.PTransform):
     """Runs once, after both writers finished: the side inputs wait for them."""
 
-    def __init__(self, output: str, snapshot: str, manifest: dict, schemas: dict):
+    def __init__(self, output: str, snapshot: str, manifest: dict, schemas: dict,
+                 keep_snapshots: int = 0):
         super().__init__()
-        self._args = (output, snapshot, manifest, schemas)
+        self._args = (output, snapshot, manifest, schemas, keep_snapshots)
 
     def expand(self, written):
         embeddings, failures, tally = written

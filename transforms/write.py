@@ -21,6 +21,8 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
+from transforms import progress
+
 COMPRESSION = "zstd"
 
 
@@ -92,6 +94,7 @@ class _WriteFiles(beam.DoFn):
 
     def process(self, row: dict):
         self._buffer.append(row)
+        progress.report(self._prefix)
         if len(self._buffer) >= self._rows_per_group:
             self._flush()
         if self._rows >= self._rows_per_file:
@@ -103,6 +106,7 @@ class _WriteFiles(beam.DoFn):
     def finish_bundle(self):
         self._flush()
         self._close()
+        progress.flush()
         for finished in self._finished:
             yield WindowedValue(finished, MIN_TIMESTAMP, [GlobalWindow()])
 

@@ -1,25 +1,31 @@
-"""The `gbif-embed` command: run, make-model, demo.
+"""The `gbif-embed` command: run, evaluate, query, make-model, demo.
 
 `run` checks the export and the model at launch, before anything is
 fetched, so a wrong path or a model that does not fit fails in seconds with
-a message that says what was expected and what was found.
+a message that says what was expected and what was found. On the local
+runner it shows live progress; after any run it writes `report.html` into
+the snapshot and prints a summary. `evaluate` and `query` use the
+embeddings: Recall@k of retrieval, and the nearest images to a picture.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import json
 import logging
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions,
-                                                  StandardOptions)
+                                                  StandardOptions, TestOptions)
 
 from pipeline.options import GbifEmbedOptions
 from transforms.read_export import Archive, ExportError, read_identity, read_spec
-from transforms.snapshot import join, new_snapshot_name, read_latest, read_manifest
+from transforms.snapshot import (join, new_snapshot_name, read_latest, read_manifest,
+                                 write_atomically)
 
 LOCAL_RUNNERS = (None, "DirectRunner", "SwitchingDirectRunner")
 
@@ -30,11 +36,13 @@ class UsageError(ValueError):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"run": run_command, "make-model": make_model_command,
-                "demo": demo_command}
+    commands = {"run": run_command, "evaluate": evaluate_command, "query": query_command,
+                "make-model": make_model_command, "demo": demo_command}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: gbif-embed {run,make-model,demo} [options]\n\n"
+        print("usage: gbif-embed {run,evaluate,query,make-model,demo} [options]\n\n"
               "  run         embed the images of a GBIF DwC-A download into Parquet\n"
+              "  evaluate    Recall@1/5/10 of image retrieval over the current snapshot\n"
+              "  query       the nearest stored images to a picture or an occurrence\n"
               "  make-model  write a stand-in of the fungi_V2 embedder (TF1 Hub format)\n"
               "  demo        generate a small GBIF export, serve it on loopback, run it\n\n"
               "`gbif-embed COMMAND --help` lists a command's options.",
@@ -43,7 +51,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _quiet_libraries()
     try:
         return commands[argv[0]](argv[1:])
-    except (UsageError, ExportError, ValueError) as err:
+    except (UsageError, ExportError, ValueError, FileNotFoundError) as err:
         print(f"gbif-embed {argv[0]}: error: {err}", file=sys.stderr)
         return 2
 
@@ -79,9 +87,74 @@ def demo_command(argv: Sequence[str]) -> int:
     return demo(argv)
 
 
+def evaluate_command(argv: Sequence[str]) -> int:
+    from pipeline.evaluate import (DEFAULT_QUERIES, LABELS, evaluate, format_table,
+                                   write_evaluation)
+    parser = argparse.ArgumentParser(prog="gbif-embed evaluate", description=(
+        "Recall@1/5/10 of nearest-neighbour retrieval (cosine, exact) over OUTPUT/LATEST: "
+        "a hit is a neighbour with the query's label; images of the query's own "
+        "occurrence are never neighbours. Writes evaluation.json and rewrites "
+        "report.html in the snapshot folder."))
+    parser.add_argument("--output", required=True, metavar="OUTPUT",
+                        help="The run's output folder (local or gs://)")
+    parser.add_argument("--label", choices=LABELS, default="scientificName",
+                        help="What counts as the same kind of mushroom")
+    parser.add_argument("--queries", type=int, default=DEFAULT_QUERIES, metavar="N",
+                        help="Query images sampled from the eligible ones (0: all of them)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S",
+                        help="Seed of the query sample")
+    args = parser.parse_args(argv)
+    result = evaluate(args.output, args.label, args.queries, args.seed)
+    written = [write_evaluation(args.output, result)]
+    written += [p for p in [_write_report(args.output, result["snapshot"])] if p]
+    print(format_table(result))
+    print(f"\nwritten: {', '.join(written)}")
+    return 0
+
+
+def query_command(argv: Sequence[str]) -> int:
+    from pipeline.query import format_results, query, run_fetch_config
+    from pipeline.report import write_contact_sheet
+    parser = argparse.ArgumentParser(prog="gbif-embed query", description=(
+        "The k stored images nearest to a picture (--image) or to an occurrence's "
+        "first image (--gbif_id), by cosine similarity over OUTPUT/LATEST. A picture "
+        "is fetched, decoded, resized and embedded exactly as the run did."))
+    parser.add_argument("--output", required=True, metavar="OUTPUT",
+                        help="The run's output folder (local or gs://)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", metavar="PATH_OR_URL",
+                        help="A picture: local path, or http(s):// or gs:// URL")
+    source.add_argument("--gbif_id", type=int, metavar="N",
+                        help="An occurrence in the snapshot; its first image is the query "
+                        "and its other images are left out of the answer")
+    parser.add_argument("--k", type=int, default=10, metavar="K",
+                        help="How many neighbours (default 10)")
+    parser.add_argument("--model", metavar="MODEL",
+                        help="Embedder folder (default: the snapshot's model, manifest "
+                        "model.uri); must be the model the rows were made with")
+    parser.add_argument("--html", metavar="FILE",
+                        help="Also write a contact sheet (self-contained HTML) here")
+    parser.add_argument("--allow_private_networks", default="", metavar="CIDRS",
+                        help="Comma-separated CIDRs that may be fetched although loopback, "
+                        "private, link-local or metadata addresses")
+    args = parser.parse_args(argv)
+    result = query(args.output, image=args.image, gbif_id=args.gbif_id, k=args.k,
+                   model=args.model, allow_private_networks=args.allow_private_networks)
+    print(format_results(result))
+    if args.html:
+        config = run_fetch_config(result.snapshot.manifest, args.allow_private_networks)
+        print(f"\ncontact sheet: {write_contact_sheet(result, args.html, config)}")
+    return 0
+
+
 def run_command(argv: Sequence[str]) -> int:
     if "-h" in argv or "--help" in argv:
-        PipelineOptions(["--help"]).view_as(GbifEmbedOptions)
+        parser = argparse.ArgumentParser(
+            prog="gbif-embed run", description="Embed the images of a GBIF DwC-A download.",
+            epilog="Any Apache Beam pipeline option is accepted too (--runner, "
+            "--direct_num_workers, --project, --temp_location, --setup_file, ...).")
+        GbifEmbedOptions._add_argparse_args(parser)
+        parser.print_help()
         return 0
     options = PipelineOptions(list(argv))
     result = run(options)
@@ -122,11 +195,87 @@ def run(options: PipelineOptions) -> dict:
                 model_fingerprint=model_fingerprint,
                 inference_threads=_inference_threads(options),
                 previous_folder=join(opts.output, previous) if mode == "refresh" else None)
-    pipeline.run().wait_until_finish()
+    with _live_progress(options):
+        job = pipeline.run()
+        job.wait_until_finish()
+    if options.view_as(TestOptions).dry_run:
+        return _dry_run(pipeline, opts.quiet)
     result = read_manifest(opts.output, snapshot)
+    result["metrics"] = beam_metrics(job)
+    write_atomically(join(opts.output, snapshot, "metrics.json"),
+                     json.dumps(result["metrics"], indent=2))
+    report = _write_report(opts.output, snapshot)
     if not opts.quiet:
-        print_summary(result, opts.output)
+        print_summary(result, opts.output, report)
     return result
+
+
+def beam_metrics(job) -> dict:
+    """The runner's Beam metrics by `namespace/name`, summed over steps.
+
+    They come from the runner after the job (the manifest's own counts come
+    from inside the pipeline and do not depend on them): model loads per
+    worker process, inferences, batch latencies, fetch outcomes.
+    """
+    try:
+        results = job.metrics().query()
+    except Exception as err:  # some runners cannot report metrics
+        return {"error": str(err)}
+    counters: dict = {}
+    distributions: dict = {}
+    for result in results.get("counters", []):
+        key = f"{result.key.metric.namespace}/{result.key.metric.name}"
+        value = result.committed if result.committed is not None else result.attempted
+        counters[key] = counters.get(key, 0) + (value or 0)
+    for result in results.get("distributions", []):
+        key = f"{result.key.metric.namespace}/{result.key.metric.name}"
+        value = result.committed if result.committed is not None else result.attempted
+        if value is None or not value.count:
+            continue
+        merged = distributions.setdefault(key, {"count": 0, "sum": 0, "min": value.min,
+                                                "max": value.max})
+        merged["count"] += value.count
+        merged["sum"] += value.sum
+        merged["min"] = min(merged["min"], value.min)
+        merged["max"] = max(merged["max"], value.max)
+    return {"counters": dict(sorted(counters.items())),
+            "distributions": dict(sorted(distributions.items()))}
+
+
+def _dry_run(pipeline: beam.Pipeline, quiet: bool) -> dict:
+    """--dry_run (Dataflow): the job was translated but not submitted."""
+    proto = pipeline.to_runner_api()
+    transforms = sorted(t.unique_name for t in proto.components.transforms.values())
+    hints = sorted({f"{urn}={value.decode(errors='replace')}"
+                    for env in proto.components.environments.values()
+                    for urn, value in env.resource_hints.items()})
+    if not quiet:
+        print(f"dry run: the job was built ({len(transforms)} transforms) and not submitted")
+    return {"dry_run": True, "transforms": transforms, "resource_hints": hints}
+
+
+@contextlib.contextmanager
+def _live_progress(options: PipelineOptions) -> Iterator[None]:
+    """The live progress line, for local runs only: remote workers cannot reach
+    the launcher's loopback listener, and their runners have their own consoles."""
+    opts = options.view_as(GbifEmbedOptions)
+    if opts.quiet or options.view_as(StandardOptions).runner not in LOCAL_RUNNERS:
+        yield
+        return
+    from pipeline.progress_display import ProgressDisplay
+    from transforms.progress import Listener
+    with Listener() as listener, ProgressDisplay(listener.totals):
+        yield
+
+
+def _write_report(output: str, snapshot: str) -> Optional[str]:
+    """report.html is a courtesy: failing to write it must not fail a finished run."""
+    from pipeline.report import write_report
+    try:
+        return write_report(output, snapshot)
+    except Exception as err:  # thumbnails, a full disk, a bucket's permissions
+        logging.getLogger(__name__).warning("report.html not written: %s", err)
+        return None
 
 
 def _runner(options: PipelineOptions):
@@ -159,27 +308,59 @@ def _inference_threads(options: PipelineOptions) -> int:
     return 0
 
 
-def print_summary(manifest: dict, output: str) -> None:
+def print_summary(manifest: dict, output: str, report: Optional[str] = None) -> None:
+    print(format_summary(manifest, output, report))
+
+
+def format_summary(manifest: dict, output: str, report: Optional[str] = None) -> str:
+    """The end-of-run table: outcomes, failure reasons, throughput, where the files are."""
     counts = manifest["counts"]
-    lines = [
-        f"snapshot   {output.rstrip('/')}/{manifest['snapshot']} (LATEST)",
-        f"embedded   {counts['embedded']}",
-        f"failed     {counts['failed']}",
-        f"skipped    {counts['skipped']}",
-    ]
-    for reason, n in counts["failed_by_reason"].items():
-        lines.append(f"  failed   {reason}: {n}")
-    for reason, n in counts["skipped_by_reason"].items():
-        lines.append(f"  skipped  {reason}: {n}")
+    folder = join(output, manifest["snapshot"])
+    total = counts["export_rows"] or counts["accounted"]
+    lines = ["", f"snapshot   {folder} (LATEST)", "",
+             f"{'outcome':<28}{'images':>10}{'share':>9}"]
+    for kind in ("embedded", "failed", "skipped"):
+        share = f"{counts[kind] / total:.1%}" if total else "–"
+        lines.append(f"{kind:<28}{counts[kind]:>10,}{share:>9}")
+    lines.append(f"{'export rows':<28}{counts['export_rows']:>10,}")
+    if counts["failed_by_reason"]:
+        lines += ["", f"{'failure reason':<20}{'stage':<8}{'images':>10}"]
+        for key, n in sorted(counts["failed_by_reason"].items(), key=lambda kv: -kv[1]):
+            stage, _, reason = key.partition(".") if "." in key else ("", "", key)
+            lines.append(f"{reason:<20}{stage:<8}{n:>10,}")
+    if counts["skipped_by_reason"]:
+        lines += ["", f"{'skipped reason':<28}{'rows':>10}"]
+        for reason, n in sorted(counts["skipped_by_reason"].items(), key=lambda kv: -kv[1]):
+            lines.append(f"{reason:<28}{n:>10,}")
+    lines.append("")
     if manifest.get("previous_snapshot"):
         lines.append(f"refresh    {manifest['refresh_mode']} from {manifest['previous_snapshot']}: "
                      f"{counts['reused']} reused, {counts['new']} new, "
                      f"{counts['reembedded']} re-embedded, {counts['removed']} removed, "
                      f"{counts['retried_failures']} earlier failures retried")
-    timings = manifest["timings"]
-    lines.append(f"time       {timings['seconds']:.1f} s, "
-                 f"{timings['images_per_second'] or 0:.2f} images/s")
-    print("\n".join(lines))
+    lines.append(_throughput(manifest))
+    lines += ["", "files"]
+    for prefix in ("embeddings", "failures"):
+        listed = (manifest.get("files") or {}).get(prefix) or []
+        rows = sum(f["rows"] for f in listed)
+        lines.append(f"  {prefix:<11} {folder}/{prefix}-*.parquet "
+                     f"({len(listed)} file{'s' if len(listed) != 1 else ''}, {rows:,} rows)")
+    lines.append(f"  {'manifest':<11} {folder}/manifest.json")
+    if report:
+        lines.append(f"  {'report':<11} {report}")
+    return "\n".join(lines)
+
+
+def _throughput(manifest: dict) -> str:
+    timings, fetch = manifest["timings"], manifest.get("fetch") or {}
+    seconds = timings["seconds"] or 0
+    megabytes = fetch.get("fetch.bytes", 0) / 1e6
+    line = (f"throughput {seconds:.1f} s, {timings['images_per_second'] or 0:.2f} images/s")
+    if fetch.get("fetch.requests"):
+        line += (f"; {fetch.get('fetch.ok', 0):,} fetched, {megabytes:,.1f} MB"
+                 f"{f' ({megabytes / seconds:,.2f} MB/s)' if seconds else ''}, "
+                 f"{fetch.get('fetch.retries', 0):,} retries")
+    return line
 
 
 if __name__ == "__main__":

@@ -19,13 +19,22 @@ import sys
 from typing import Iterator, Optional, Sequence
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions,
-                                                  StandardOptions, TestOptions)
+from apache_beam.options.pipeline_options import (
+    DirectOptions,
+    PipelineOptions,
+    StandardOptions,
+    TestOptions,
+)
 
 from pipeline.options import GbifEmbedOptions
 from transforms.read_export import Archive, ExportError, read_identity, read_spec
-from transforms.snapshot import (join, new_snapshot_name, read_latest, read_manifest,
-                                 write_atomically)
+from transforms.snapshot import (
+    join,
+    new_snapshot_name,
+    read_latest,
+    read_manifest,
+    write_atomically,
+)
 
 LOCAL_RUNNERS = (None, "DirectRunner", "SwitchingDirectRunner")
 
@@ -88,8 +97,7 @@ def demo_command(argv: Sequence[str]) -> int:
 
 
 def evaluate_command(argv: Sequence[str]) -> int:
-    from pipeline.evaluate import (DEFAULT_QUERIES, LABELS, evaluate, format_table,
-                                   write_evaluation)
+    from pipeline.evaluate import DEFAULT_QUERIES, LABELS, evaluate, format_table, write_evaluation
     parser = argparse.ArgumentParser(prog="gbif-embed evaluate", description=(
         "Recall@1/5/10 of nearest-neighbour retrieval (cosine, exact) over OUTPUT/LATEST: "
         "a hit is a neighbour with the query's label; images of the query's own "

@@ -15,6 +15,19 @@ FUNGI_IMAGES = SHARED / "fungi-images"
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
+# Tests serve pictures from 127.0.0.1, which the fetcher refuses unless opened.
+LOOPBACK = ["--allow_private_networks", "127.0.0.1/32"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """The small stand-in embedder, built once per test session."""
+    from pipeline.make_model import build_model
+    path = str(tmp_path_factory.mktemp("models") / "tiny")
+    build_model(path, "tiny")
+    return path
+
+
 def shared_path(*parts: str) -> pathlib.Path:
     """A file of ../shared/data, or a skip that says why (third-party data is never
     copied into the repository, so without ../shared these tests cannot run)."""

@@ -7,12 +7,12 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipeline.cli import run
 from pipeline.demo import serve_folder
 from pipeline.sample_data import make_sample
-from tests.test_pipeline import LOOPBACK, tiny_model  # noqa: F401 (fixture)
+from tests.conftest import LOOPBACK
 from transforms.embed import fingerprint
 from transforms.snapshot import read_latest
 
 
-def test_export_and_model_on_gcs(tmp_path, tiny_model, gcs_bucket):  # noqa: F811
+def test_export_and_model_on_gcs(tmp_path, tiny_model, gcs_bucket):
     fs = fsspec.filesystem("gs")
     images = tmp_path / "data" / "images"
     images.mkdir(parents=True)

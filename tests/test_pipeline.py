@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import glob
 import os
-import shutil
 import subprocess
 import sys
 
@@ -15,21 +14,18 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipeline.cli import main, run
 from pipeline.demo import serve_folder
 from pipeline.make_model import build_model
-from pipeline.sample_data import Media, Occurrence, jpeg_bytes, make_sample, synthetic_photo, \
-    write_dwca
-from tests.conftest import ROOT
+from pipeline.sample_data import (
+    Media,
+    Occurrence,
+    jpeg_bytes,
+    make_sample,
+    synthetic_photo,
+    write_dwca,
+)
+from tests.conftest import LOOPBACK
 from transforms.embed import ModelError, fingerprint
 from transforms.snapshot import read_latest, read_manifest
 from transforms.write import FAILURE_SCHEMA, embedding_schema
-
-LOOPBACK = ["--allow_private_networks", "127.0.0.1/32"]
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("models") / "tiny")
-    build_model(path, "tiny")
-    return path
 
 
 def _tables(output: str):

@@ -10,8 +10,17 @@ import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
 from tests.conftest import shared_path
-from transforms.read_export import (Archive, ExportError, ReadArchive, ReadExport, TableSpec,
-                                    iter_rows, parse_meta, read_identity, read_spec)
+from transforms.read_export import (
+    Archive,
+    ExportError,
+    ReadArchive,
+    ReadExport,
+    TableSpec,
+    iter_rows,
+    parse_meta,
+    read_identity,
+    read_spec,
+)
 from transforms.tally import TALLY
 
 AMBLYOMMA = ("gbif-samples", "amblyomma_dl_4gbcs6_2020")

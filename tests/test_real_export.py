@@ -19,8 +19,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.cli import run
 from pipeline.sample_data import jpeg_bytes, synthetic_photo
-from tests.conftest import shared_path
-from tests.test_pipeline import LOOPBACK, tiny_model  # noqa: F401 (fixture)
+from tests.conftest import LOOPBACK, shared_path
 
 
 class _MirrorHandler(http.server.BaseHTTPRequestHandler):
@@ -56,7 +55,7 @@ def mirror():
     server.server_close()
 
 
-def test_real_amblyomma_download_end_to_end(tmp_path, tiny_model, mirror):  # noqa: F811
+def test_real_amblyomma_download_end_to_end(tmp_path, tiny_model, mirror):
     export = str(shared_path("gbif-samples", "amblyomma_dl_4gbcs6_2020_RECONSTRUCTED_"
                              "0022697-200613084148143.zip"))
     output = str(tmp_path / "out")

@@ -16,8 +16,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipeline.cli import run
 from pipeline.make_model import build_model
 from pipeline.sample_data import Media, Occurrence, jpeg_bytes, synthetic_photo, write_dwca
+from tests.conftest import LOOPBACK
 from tests.http_server import FaultServer
-from tests.test_pipeline import LOOPBACK, tiny_model  # noqa: F401 (fixture)
 from transforms.snapshot import read_latest, read_manifest
 
 

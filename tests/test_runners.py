@@ -18,8 +18,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipeline.cli import run
 from pipeline.demo import serve_folder
 from pipeline.sample_data import make_sample
-from tests.conftest import ROOT
-from tests.test_pipeline import LOOPBACK, tiny_model  # noqa: F401 (fixture)
+from tests.conftest import LOOPBACK, ROOT
 
 VENV_BIN = os.path.dirname(sys.executable)
 
@@ -53,13 +52,13 @@ def _run(sample, model: str, output: str, *extra: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def single_process(sample, tiny_model, tmp_path_factory):  # noqa: F811
+def single_process(sample, tiny_model, tmp_path_factory):
     output = str(tmp_path_factory.mktemp("single") / "out")
     manifest = _run(sample, tiny_model, output)
     return output, manifest
 
 
-def test_two_local_worker_processes_match_one(sample, tiny_model, single_process,  # noqa: F811
+def test_two_local_worker_processes_match_one(sample, tiny_model, single_process,
                                               tmp_path):
     output = str(tmp_path / "out")
     manifest = _run(sample, tiny_model, output, "--direct_running_mode", "multi_processing",
@@ -75,7 +74,7 @@ def test_two_local_worker_processes_match_one(sample, tiny_model, single_process
         np.testing.assert_allclose(one[key], two[key], rtol=1e-4, atol=1e-5)
 
 
-def test_portable_runner_with_external_worker_pool(sample, tiny_model, single_process,  # noqa: F811
+def test_portable_runner_with_external_worker_pool(sample, tiny_model, single_process,
                                                    tmp_path):
     """Beam's job service plus a worker pool, as a Flink deployment's sidecar runs it.
 
@@ -115,7 +114,7 @@ def test_portable_runner_with_external_worker_pool(sample, tiny_model, single_pr
         np.testing.assert_allclose(one[key], portable[key], rtol=1e-4, atol=1e-5)
 
 
-def test_dataflow_dry_run_translates_the_real_pipeline(sample, tiny_model, gcs_bucket):  # noqa: F811
+def test_dataflow_dry_run_translates_the_real_pipeline(sample, tiny_model, gcs_bucket):
     """Inputs and output on gs://, --setup_file: the job is built, nothing is submitted."""
     import fsspec
     fs = fsspec.filesystem("gs")

@@ -9,8 +9,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from transforms.snapshot import (LATEST, PublishSnapshot, read_latest, read_manifest,
-                                 write_atomically)
+from transforms.snapshot import (
+    LATEST,
+    PublishSnapshot,
+    read_latest,
+    read_manifest,
+    write_atomically,
+)
 from transforms.tally import MergeTallies
 from transforms.write import FAILURE_SCHEMA, WriteParquet, embedding_schema, to_table
 

@@ -35,9 +35,9 @@ from urllib3 import connection as u3c
 from urllib3 import exceptions as u3e
 
 from pipeline.options import DEFAULT_USER_AGENT, GbifEmbedOptions
+from transforms import progress
 from transforms.address_guard import AddressGuard, Verdict, pick_address
 from transforms.concurrency import ThreadedDoFn
-from transforms import progress
 from transforms.politeness import Politeness, shared
 from transforms.records import FAILURES, NOT_MODIFIED, failure
 from transforms.tally import latency_key

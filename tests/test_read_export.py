@@ -180,3 +180,48 @@ def test_read_export_transform_joins_occurrences():
                   | beam.Map(lambda t: (t["scientificName"], t["taxonKey"], t["creator"])))
         assert_that(sample, equal_to([("Amblyomma americanum Linnaeus, 1758", 2184301,
                                        "fred201")]), label="joined")
+
+
+def _occurrences(n: int):
+    from pipeline.sample_data import Occurrence
+    return [Occurrence(gbifID=700 + i, occurrenceID=f"urn:o:{i}",
+                       datasetKey="84d26682-f762-11e1-a439-00145eb45e9a", taxonKey=90 + i,
+                       scientificName=f"Species {i}") for i in range(n)]
+
+
+def test_ragged_rows_are_read_when_usable_and_counted_when_not(tmp_path):
+    from pipeline.sample_data import Media, write_dwca
+    media = [Media(gbifID=700, identifier="http://h/0.jpg")]
+    extra = [
+        "701\tStillImage\timage/jpeg\thttp://h/1.jpg",           # short, but the URL is there
+        "702\tStillImage\timage/jpeg",                            # short, no URL
+        "703\tStillImage\timage/jpeg\t" + "\t".join(["x"] * 14),  # too long, no URL in place
+        " 704 \tStillImage\timage/jpeg\thttp://h/4.jpg" + "\t" * 11,  # whitespace in the ID
+        "abc\tStillImage\timage/jpeg\thttp://h/5.jpg" + "\t" * 11,    # not a gbifID
+    ]
+    export = write_dwca(str(tmp_path / "r.zip"), _occurrences(6), media,
+                        extra_multimedia_lines=extra)
+    rows, _, tally = _read_all(export)
+    assert sorted(k for k, _ in rows) == [700, 701, 704]
+    assert tally["skipped.ragged_row"] == 2
+    assert tally["skipped.bad_gbif_id"] == 1
+    assert tally["export.ragged_rows_read"] == 1
+    assert tally["export.rows"] == 6
+
+
+def test_associated_media_is_used_without_a_multimedia_extension(tmp_path):
+    """Split on | , ; as GBIF does; licence and rightsHolder come from the record."""
+    from pipeline.sample_data import write_dwca
+    associated = {700: "http://h/a.jpg | http://h/b.jpg;http://h/c.jpg", 701: "http://h/d.jpg"}
+    export = write_dwca(str(tmp_path / "v.zip"), _occurrences(3), [], include_multimedia=False,
+                        verbatim_associated_media=associated)
+    with Archive(export) as archive:
+        spec = read_spec(archive)
+    assert spec.multimedia is None and spec.image_source().location == "verbatim.txt"
+    rows, occurrences, tally = _read_all(export)
+    assert sorted((k, m["identifier"]) for k, m in rows) == [
+        (700, "http://h/a.jpg"), (700, "http://h/b.jpg"), (700, "http://h/c.jpg"),
+        (701, "http://h/d.jpg")]
+    assert tally["export.rows"] == 4  # occurrence 702 lists no media: no image row at all
+    assert "skipped.empty_identifier" not in tally
+    assert {k for k, _ in occurrences} == {700, 701}

@@ -299,16 +299,22 @@ class ReadArchive(beam.DoFn):
         emitted = 0
         with archive.open(table.location) as stream:
             for row in iter_rows(stream, table):
-                tally.add("export.rows")
                 key = parse_gbif_id(row[id_index]) if id_index < len(row) else None
                 url = _field(row, url_index)
+                # A media row is one candidate image; an occurrence's associatedMedia
+                # holds as many as it lists, and none when it is empty.
+                urls = [url] if is_multimedia else [
+                    one for one in ASSOCIATED_MEDIA_SPLIT.split(url or "") if one]
+                if not urls:
+                    continue
+                tally.add("export.rows", len(urls))
                 if len(row) != width and not (key is not None and url and "://" in url):
-                    tally.add("skipped.ragged_row")
+                    tally.add("skipped.ragged_row", len(urls))
                     continue
                 if len(row) != width:
                     tally.add("export.ragged_rows_read")
                 if key is None:
-                    tally.add("skipped.bad_gbif_id")
+                    tally.add("skipped.bad_gbif_id", len(urls))
                     continue
                 if is_multimedia:
                     kind = (_field(row, type_index) or "").strip()
@@ -318,7 +324,6 @@ class ReadArchive(beam.DoFn):
                     if NOT_IMAGE_FORMAT.match(_field(row, format_index) or ""):
                         tally.add("skipped.declared_format_not_image")
                         continue
-                urls = [url] if is_multimedia else ASSOCIATED_MEDIA_SPLIT.split(url or "")
                 fields = {name: _field(row, idx) for name, idx in extra.items()}
                 for one in urls:
                     if not one:

@@ -375,7 +375,7 @@ def _note_connection(conn: Any) -> None:
         watch.conn = conn
 
 
-class _WatchedHTTPConnection(u3c.HTTPConnection):
+class _Watched:
     """Tells the watchdog which connection the current fetch is on."""
 
     def connect(self) -> None:
@@ -387,16 +387,12 @@ class _WatchedHTTPConnection(u3c.HTTPConnection):
         super().request(*args, **kwargs)
 
 
-class _WatchedHTTPSConnection(u3c.HTTPSConnection):
-    """Tells the watchdog which connection the current fetch is on."""
+class _WatchedHTTPConnection(_Watched, u3c.HTTPConnection):
+    pass
 
-    def connect(self) -> None:
-        _note_connection(self)
-        super().connect()
 
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        _note_connection(self)
-        super().request(*args, **kwargs)
+class _WatchedHTTPSConnection(_Watched, u3c.HTTPSConnection):
+    pass
 
 
 # ---------------------------------------------------------------- connection pools

@@ -6,6 +6,7 @@ import io
 import apache_beam as beam
 import numpy as np
 import pytest
+from apache_beam.pvalue import TaggedOutput
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
@@ -127,3 +128,44 @@ def test_decode_dofn_drops_bytes_and_reports_failures():
         assert_that(out[FAILURES] | beam.Map(lambda f: (f["gbifID"], f["stage"], f["reason"],
                                                         f["attempts"])),
                     equal_to([(2, "decode", "not_an_image", 1)]), label="failed")
+
+
+def _fetched(i: int, data: bytes) -> dict:
+    return {"gbifID": i, "identifier": f"u{i}", "content": data, "attempts": 1,
+            "http_status": 200}
+
+
+def test_decoding_keeps_a_lookahead_submitted_and_loses_nothing():
+    """Results wait until more than `lookahead` pictures are submitted (so the
+    pool works while the model infers), and the bundle's end drains them all."""
+    from apache_beam.transforms.window import GlobalWindow
+    from apache_beam.utils.timestamp import MIN_TIMESTAMP
+    data = _encode(_left_red_right_blue(), "JPEG")
+    dofn = DecodeImages(threads=2, lookahead=4)
+    dofn.setup()
+    try:
+        dofn.start_bundle()
+        emitted = []
+        for i in range(4):
+            emitted += list(dofn.process(_fetched(i, data), GlobalWindow(), MIN_TIMESTAMP))
+        assert emitted == []  # four submitted: all kept back
+        for i in range(4, 10):
+            emitted += list(dofn.process(_fetched(i, data), GlobalWindow(), MIN_TIMESTAMP))
+            assert len(emitted) <= i + 1 - 4  # never fewer than four left pending
+        emitted += [out for out in dofn.finish_bundle() if not isinstance(out, TaggedOutput)]
+    finally:
+        dofn.teardown()
+    assert sorted(wv.value["gbifID"] for wv in emitted) == list(range(10))
+    assert all(wv.value["pixels"].shape == (299, 299, 3) for wv in emitted)
+
+
+def test_decode_dofn_with_lookahead_in_a_pipeline():
+    data = _encode(_left_red_right_blue(), "PNG")
+    with beam.Pipeline(runner="BundleBasedDirectRunner") as p:
+        out = (p | beam.Create([_fetched(i, data if i % 7 else b"junk") for i in range(60)])
+               | beam.ParDo(DecodeImages(threads=3, lookahead=16))
+               .with_outputs(FAILURES, TALLY, main="ok"))
+        assert_that(out.ok | beam.Map(lambda d: d["gbifID"]),
+                    equal_to([i for i in range(60) if i % 7]), label="decoded")
+        assert_that(out[FAILURES] | beam.Map(lambda f: f["gbifID"]),
+                    equal_to([i for i in range(60) if not i % 7]), label="failed")

@@ -4,6 +4,13 @@ Fetching waits on the network and decoding runs in C code that releases the
 GIL, so both overlap with inference when they run on threads. The number of
 elements in flight is bounded, so memory stays flat however large the input,
 and every submitted element is drained before the bundle ends, so none is lost.
+
+Overlap needs care: the runner calls `process` on the same thread that runs
+the fused downstream steps, inference included, so while a batch is inferred
+no new element reaches the pool. A stage that emits eagerly has little or
+nothing queued at that moment, and the next batch's work starts only after
+inference returns. `lookahead` keeps that many elements submitted before
+results are emitted, so the pool works on the next batch during inference.
 """
 from __future__ import annotations
 
@@ -26,13 +33,20 @@ class ThreadedDoFn(beam.DoFn):
     anyway fails the bundle, which the runner retries, rather than losing the
     element silently.
 
+    `lookahead`: results are emitted only while more than this many elements
+    are pending (0: as soon as they are done); `max_in_flight`: `process`
+    blocks while this many are pending and none is done (default: twice the
+    threads, and at least `lookahead` plus the threads).
+
     `self.tally` collects counts for the manifest; it is emitted on the
     `tally` output at the end of each bundle.
     """
 
-    def __init__(self, threads: int, max_in_flight: int = 0):
+    def __init__(self, threads: int, max_in_flight: int = 0, lookahead: int = 0):
         self._threads = max(1, int(threads))
-        self._max_in_flight = max(self._threads, int(max_in_flight or 2 * self._threads))
+        self._lookahead = max(0, int(lookahead))
+        self._max_in_flight = max(self._threads, self._lookahead + 1, int(
+            max_in_flight or max(2 * self._threads, self._lookahead + self._threads)))
         self._pool = None
         self._pending: collections.deque = collections.deque()
         self.tally = Tally()
@@ -52,10 +66,10 @@ class ThreadedDoFn(beam.DoFn):
                 timestamp=beam.DoFn.TimestampParam):
         self._pending.append(
             (self._pool.submit(lambda: list(self.work(element))), window, timestamp))
-        yield from self._drain(keep=self._max_in_flight - 1)
+        yield from self._drain(self._lookahead, self._max_in_flight - 1)
 
     def finish_bundle(self):
-        yield from self._drain(keep=0)
+        yield from self._drain(0, 0)
         yield from tally_outputs(self.tally)
 
     def teardown(self):
@@ -63,9 +77,10 @@ class ThreadedDoFn(beam.DoFn):
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
 
-    def _drain(self, keep: int) -> Iterator[Any]:
-        """Emit finished work; block until at most `keep` elements are in flight."""
-        while self._pending:
+    def _drain(self, lookahead: int, keep: int) -> Iterator[Any]:
+        """Emit finished work while more than `lookahead` elements are pending;
+        block until at most `keep` (>= lookahead) are."""
+        while len(self._pending) > lookahead:
             done = [entry for entry in self._pending if entry[0].done()]
             if not done:
                 if len(self._pending) <= keep:
@@ -74,13 +89,11 @@ class ThreadedDoFn(beam.DoFn):
                     [entry[0] for entry in self._pending],
                     return_when=concurrent.futures.FIRST_COMPLETED)
                 continue
-            for entry in done:
+            for entry in done[:len(self._pending) - lookahead]:
                 self._pending.remove(entry)
                 future, window, timestamp = entry
                 for output in future.result():
                     yield _windowed(output, window, timestamp)
-            if len(self._pending) <= keep:
-                return
 
 
 def _windowed(output: Any, window, timestamp) -> Any:

@@ -110,16 +110,25 @@ def _center_square(image: Image.Image) -> Image.Image:
     return image.crop((left, top, left + side, top + side))
 
 
+# Decoded pictures kept submitted ahead of the model: at least a batch
+# (--batch_size 16 by default), so that the next batch is decoded while the
+# current one is inferred. 32 pictures are 8.6 MB of pixels.
+DECODE_LOOKAHEAD = 32
+
+
 class DecodeImages(ThreadedDoFn):
     """Fetched image → model input; the fetched bytes are dropped here.
 
     Runs on threads: Pillow releases the GIL while decoding, so pictures are
-    decoded while the model works on the previous batch.
+    decoded while the model works on the previous batch. For that, results
+    are emitted only while more than `lookahead` pictures are submitted: the
+    runner feeds this step from the thread that also runs inference, so an
+    eager stage would have nothing left to decode while the model runs.
     """
 
     def __init__(self, resize: str = "squash", max_pixels: int = 100_000_000,
-                 threads: int = 2):
-        super().__init__(threads=threads)
+                 threads: int = 2, lookahead: int = DECODE_LOOKAHEAD):
+        super().__init__(threads=threads, lookahead=lookahead)
         self._resize = resize
         self._max_pixels = max_pixels
 

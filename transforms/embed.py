@@ -32,6 +32,7 @@ INPUT_KEY = "images"
 OUTPUT_KEY = "default"
 SIGNATURES = ("image_feature_vector", "default")
 INPUT_SHAPE = (299, 299, 3)
+PRECISIONS = ("float32", "bfloat16")
 WITHDRAWN_HOSTS = ("tfhub.dev", "kaggle.com/models", "storage.googleapis.com/tfhub-modules")
 
 _LOG = logging.getLogger(__name__)
@@ -95,17 +96,35 @@ def _withdrawn_message(uri: str) -> str:
 
 
 def configure_tensorflow(threads: int = 0, precision: str = "float32") -> None:
-    """Thread pools and precision must be set before TensorFlow starts its runtime."""
+    """TensorFlow's thread pools and precision, for this whole process.
+
+    Thread pools can be sized only before TensorFlow starts its runtime; a
+    process where it already runs (the in-process runner, after the
+    launcher's contract check) keeps its pools, which by default use all
+    the cores. The precision is a Grappler option of the process: it applies
+    to every function called after it is set, including functions that ran
+    before (TensorFlow instantiates them again under the new options), and
+    also to the functions `hub.load` wraps from TF1 graphs (checked: oneDNN
+    then runs `avx512_core_bf16` convolutions). float32 switches it back off.
+    """
     import tensorflow as tf
     if threads > 0:
         try:
             tf.config.threading.set_intra_op_parallelism_threads(threads)
             tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
         except RuntimeError:
-            _LOG.info("TensorFlow already running in this process; keeping its threads")
-    if precision == "bfloat16":
-        tf.config.optimizer.set_experimental_options(
-            {"auto_mixed_precision_onednn_bfloat16": True})
+            _LOG.warning("TensorFlow already runs in this process; its thread pools keep "
+                         "their sizes (intra-op %s, inter-op %s) instead of %s threads",
+                         tf.config.threading.get_intra_op_parallelism_threads() or "all cores",
+                         tf.config.threading.get_inter_op_parallelism_threads() or "all cores",
+                         threads)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    wanted = precision == "bfloat16"
+    option = "auto_mixed_precision_onednn_bfloat16"
+    if bool(tf.config.optimizer.get_experimental_options().get(option)) != wanted:
+        # Only on a change: new options make TensorFlow optimize functions again.
+        tf.config.optimizer.set_experimental_options({option: wanted})
 
 
 def cpu_supports_bfloat16() -> bool:
@@ -125,11 +144,46 @@ class LoadedModel:
     embed: Any
 
 
+# Models loaded in this process, by local folder and the state of its files.
+# With the in-process runner the launcher's contract check and the worker
+# share one process: the worker reuses the checked model (and its traced
+# function) instead of loading a second copy.
+_MODELS: dict = {}
+_MODELS_LOCK = threading.Lock()
+
+
 def load(model_uri: str):
-    """hub.load plus a function that scales uint8 pixels inside the graph."""
+    """hub.load plus a function that scales uint8 pixels inside the graph;
+    loaded once per process and model (files changed on disk load again)."""
+    local = localize(model_uri)
+    key = (os.path.abspath(local), _file_state(local))
+    with _MODELS_LOCK:
+        model = _MODELS.get(key)
+        if model is None:
+            model = _load(local, model_uri)
+            for old in [k for k in _MODELS if k[0] == key[0]]:
+                del _MODELS[old]  # an older version of the same folder
+            _MODELS[key] = model
+    return model
+
+
+def _file_state(local: str) -> tuple:
+    """Names, sizes and modification times of a local model's files."""
+    state = []
+    for folder, _, names in os.walk(local):
+        for name in names:
+            try:
+                info = os.stat(os.path.join(folder, name))
+            except OSError:
+                continue
+            state.append((os.path.relpath(os.path.join(folder, name), local),
+                          info.st_size, info.st_mtime_ns))
+    return tuple(sorted(state))
+
+
+def _load(local: str, model_uri: str) -> LoadedModel:
     import tensorflow as tf
     import tensorflow_hub as hub
-    local = localize(model_uri)
     try:
         module = hub.load(local)
     except Exception as err:
@@ -137,6 +191,8 @@ def load(model_uri: str):
                          f"{model_uri}; loading it failed: {err}") from err
     signature = _signature(module, model_uri)
 
+    # One trace for every batch size. Call it only with uint8 [n, 299, 299, 3]
+    # (see _stacked): a mismatching input leaves the function locked.
     @tf.function(input_signature=[tf.TensorSpec([None, *INPUT_SHAPE], tf.uint8)])
     def embed(images):
         return signature(**{INPUT_KEY: tf.cast(images, tf.float32) / 255.0})[OUTPUT_KEY]
@@ -178,6 +234,18 @@ def check_contract(model_uri: str, embedding_dim: int) -> None:
                          f"[None, {', '.join(map(str, result.shape[1:]))}] in {model_uri}")
 
 
+def _stacked(batch: Sequence[np.ndarray]) -> np.ndarray:
+    """The batch as one uint8 [n, 299, 299, 3] array, checked before the call:
+    TensorFlow 2.21 leaves a tf.function's lock held when an input does not
+    match its input signature, so one bad call would hang every later call
+    from other threads."""
+    stacked = np.stack(batch)
+    if stacked.dtype != np.uint8 or stacked.shape[1:] != INPUT_SHAPE:
+        raise ValueError(f"expected uint8 pictures of shape {INPUT_SHAPE}; found "
+                         f"{stacked.dtype} {list(stacked.shape[1:])}")
+    return stacked
+
+
 class HubImageEmbedder(ModelHandler[np.ndarray, np.ndarray, LoadedModel]):
     """uint8 299×299×3 images → float32 embeddings, in fixed-size batches."""
 
@@ -196,7 +264,7 @@ class HubImageEmbedder(ModelHandler[np.ndarray, np.ndarray, LoadedModel]):
     def run_inference(self, batch: Sequence[np.ndarray], model: LoadedModel,
                       inference_args: Optional[dict] = None) -> Iterable[np.ndarray]:
         # Bare vectors: a PredictionResult would keep the 268 kB input image alive.
-        return list(model.embed(np.stack(batch)).numpy())
+        return list(model.embed(_stacked(batch)).numpy())
 
     def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
         return sum(image.nbytes for image in batch)

@@ -134,7 +134,15 @@ class _WriteFiles(beam.DoFn):
 
 
 class WriteParquet(beam.PTransform):
-    """Rows → Parquet files `<prefix>-*.parquet` in `folder`; outputs (path, rows)."""
+    """Rows → Parquet files `<prefix>-*.parquet` in `folder`; outputs (path, rows).
+
+    The input may also be a tuple of PCollections: each is written where it
+    is produced, and only the (path, rows) outputs are flattened. Prefer that
+    to flattening rows first: a local runner cannot fuse a Flatten of
+    PCollections made in different stages, so it keeps every flattened row in
+    memory until all of them exist (about 2 kB per embedding row, growing with
+    the size of the export), and writes only after the last inference.
+    """
 
     def __init__(self, folder: str, prefix: str, schema: pa.Schema):
         super().__init__()
@@ -143,7 +151,12 @@ class WriteParquet(beam.PTransform):
         self._schema = schema
 
     def expand(self, rows):
-        return rows | beam.ParDo(_WriteFiles(self._folder, self._prefix, self._schema))
+        if isinstance(rows, beam.PCollection):
+            return rows | beam.ParDo(_WriteFiles(self._folder, self._prefix, self._schema))
+        written = [pcoll | f"Write{i}" >> beam.ParDo(
+                       _WriteFiles(self._folder, self._prefix, self._schema))
+                   for i, pcoll in enumerate(rows)]
+        return written | "Written" >> beam.Flatten()
 
 
 def read_rows(paths: Iterable[str], columns=None) -> pa.Table:

@@ -1,0 +1,221 @@
+"""Helpers shared by the benchmarks: models, exports, a loopback image server,
+tight inference loops and peak memory.
+
+The development machine is shared and noisy, so every benchmark compares two
+things measured in the same run (interleaved where it can) and prints the
+ratio; absolute images/s are printed for context only.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, Iterator, Optional, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+FUNGI_IMAGES = os.path.join(os.path.dirname(ROOT), "shared", "data", "fungi-images")
+BIG_PHOTO = "mo_test_perf_unlabeled_small_gilled_mushroom.jpg"
+CACHE = os.path.join(tempfile.gettempdir(), "gbif-embed-bench")
+
+
+def log(*parts) -> None:
+    """Progress lines go to stderr; stdout holds the figures."""
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def real_photos() -> list[str]:
+    """The real fungus photographs of ../shared, read in place (never copied)."""
+    if not os.path.isdir(FUNGI_IMAGES):
+        sys.exit(f"needs {FUNGI_IMAGES} (real photos read in place from ../shared)")
+    return sorted(os.path.join(FUNGI_IMAGES, name) for name in os.listdir(FUNGI_IMAGES)
+                  if name.lower().endswith(".jpg"))
+
+
+def model(arch: str) -> str:
+    """The stand-in model of `arch`, built once into a cache folder (about 6 s
+    for inception_v4) and reused by later runs; the build is atomic."""
+    target = os.path.join(CACHE, "models", arch)
+    if os.path.exists(os.path.join(target, "tfhub_module.pb")):
+        return target
+    from pipeline.make_model import build_model
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix=f"{arch}-", dir=os.path.dirname(target))
+    log(f"building the {arch} stand-in model in {target} ...")
+    build_model(os.path.join(scratch, "m"), arch)
+    try:
+        os.rename(os.path.join(scratch, "m"), target)
+    except OSError:  # another run built it meanwhile
+        pass
+    shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+_SERVER = r"""
+import sys, time
+sys.path.insert(0, sys.argv[2])
+from pipeline.demo import serve_folder
+with serve_folder(sys.argv[1]) as url:
+    print(url, flush=True)
+    sys.stdin.read()   # until the parent closes our stdin
+"""
+
+
+class Server(str):
+    """The base URL of a running image server; `cpu_seconds()` is its CPU so far."""
+
+    pid: int = 0
+
+    def cpu_seconds(self) -> float:
+        try:
+            with open(f"/proc/{self.pid}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            return sum(int(v) for v in fields[11:13]) / _TICK
+        except OSError:
+            return 0.0
+
+
+@contextlib.contextmanager
+def serve(folder: str) -> Iterator[Server]:
+    """Serves `folder` over HTTP on 127.0.0.1 from a separate process (so the
+    server does not take the GIL of the process measured); yields the base URL."""
+    process = subprocess.Popen([sys.executable, "-c", _SERVER, folder, ROOT],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        url = process.stdout.readline().strip()
+        if not url.startswith("http://"):
+            raise RuntimeError("the image server did not start")
+        server = Server(url)
+        server.pid = process.pid
+        yield server
+    finally:
+        process.stdin.close()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def write_export(path: str, urls: Sequence[str]) -> str:
+    """A GBIF DwC-A zip with one occurrence and one StillImage row per URL."""
+    from pipeline.sample_data import DMS_DATASET_KEY, Media, Occurrence, write_dwca
+    occurrences = [Occurrence(gbifID=5_000_000_000 + i, occurrenceID=f"bench-{i}",
+                              datasetKey=DMS_DATASET_KEY, taxonKey=1000 + i % 7,
+                              scientificName="Agaricus bench")
+                   for i in range(len(urls))]
+    media = [Media(5_000_000_000 + i, url) for i, url in enumerate(urls)]
+    return write_dwca(path, occurrences, media)
+
+
+def pipeline_args(export: str, model_dir: str, output: str, batch_size: int,
+                  extra: Sequence[str] = ()) -> list[str]:
+    return ["--export", export, "--model", model_dir, "--output", output,
+            "--batch_size", str(batch_size), "--allow_private_networks", "127.0.0.1/32",
+            "--quiet", *extra]
+
+
+def tight_loop(embed: Callable, batches: Sequence, seconds: float = 10.0,
+               min_calls: int = 4) -> float:
+    """images/s of `embed(batch).numpy()` over pre-built uint8 batches, after one
+    warm-up call, for at least `seconds` and `min_calls` calls."""
+    embed(batches[0]).numpy()
+    images, calls, start = 0, 0, time.perf_counter()
+    while calls < min_calls or time.perf_counter() - start < seconds:
+        batch = batches[calls % len(batches)]
+        embed(batch).numpy()
+        images += len(batch)
+        calls += 1
+    return images / (time.perf_counter() - start)
+
+
+def peak_rss_mb_of_child(argv: Sequence[str], env: Optional[dict] = None) -> tuple[float, float, str]:
+    """Runs argv in a fresh process; returns (its peak RSS in MB, seconds, its stdout).
+
+    ru_maxrss of RUSAGE_CHILDREN is the largest peak of any waited-for
+    descendant, so each measurement runs in a fresh intermediate process
+    whose only descendant is the one measured.
+    """
+    code = ("import resource, subprocess, sys, time, json\n"
+            "t = time.perf_counter()\n"
+            "done = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, text=True)\n"
+            "seconds = time.perf_counter() - t\n"
+            "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024\n"
+            "print(json.dumps({'rc': done.returncode, 'peak_mb': peak, 'seconds': seconds,"
+            " 'stdout': done.stdout}))\n")
+    import json
+    out = subprocess.run([sys.executable, "-c", code, *argv], stdout=subprocess.PIPE,
+                         text=True, env=env, check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    if result["rc"] != 0:
+        raise RuntimeError(f"{argv} failed with exit status {result['rc']}")
+    return result["peak_mb"], result["seconds"], result["stdout"]
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _system_busy_s() -> float:
+    """CPU seconds all processes of the machine spent busy (from /proc/stat)."""
+    with open("/proc/stat") as handle:
+        fields = [int(v) for v in handle.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / _TICK
+
+
+def _tree_cpu_s(root: int) -> float:
+    """CPU seconds of `root`, its live descendants and its reaped children."""
+    parents, times = {}, {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(name)
+        parents[pid] = int(fields[1])
+        times[pid] = sum(int(v) for v in fields[11:15]) / _TICK  # utime stime cutime cstime
+    total = 0.0
+    for pid, cpu in times.items():
+        p = pid
+        while p in parents and p != root and p > 1:
+            p = parents[p]
+        if p == root:
+            total += cpu
+    return total
+
+
+class Meter:
+    """Wall time, this process tree's CPU and everyone else's CPU over a phase,
+    so that a figure can be judged against the noise of a shared machine."""
+
+    def __init__(self):
+        self.wall = self.ours = self.others = 0.0
+
+    def __enter__(self) -> "Meter":
+        self._start = (time.perf_counter(), _tree_cpu_s(os.getpid()), _system_busy_s())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall, ours, busy = self._start
+        self.wall = time.perf_counter() - wall
+        self.ours = _tree_cpu_s(os.getpid()) - ours
+        self.others = max(0.0, _system_busy_s() - busy - self.ours)
+
+    def describe(self) -> str:
+        cores = os.cpu_count() or 1
+        return (f"{self.wall:.1f} s wall, this benchmark {self.ours / self.wall:.2f} cores, "
+                f"other processes {self.others / self.wall:.2f} of {cores} cores")

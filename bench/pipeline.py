@@ -158,6 +158,10 @@ def _measure(args, model_dir: str, export: str, output: str, batches) -> str:
     print(f"per CPU-second of this benchmark's processes (a check that is less sensitive "
           f"to other processes): pipeline {pipeline_cpu:.2f}, tight loop {tight_cpu:.2f} "
           f"images/CPU-s = {pipeline_cpu / tight_cpu:.3f}")
+    busiest = max(m.others / m.wall for m in [r["meter"] for r in runs] + [m for _, m in tight])
+    if busiest > 0.2:
+        print(f"WARNING: other processes took up to {busiest:.2f} cores during a phase of this "
+              f"benchmark; the figure is unreliable, run it again on a quieter machine")
     return f"pipeline_efficiency={pipeline_ips / reference_ips:.3f}"
 
 

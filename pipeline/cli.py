@@ -172,7 +172,8 @@ def run_command(argv: Sequence[str]) -> int:
 def run(options: PipelineOptions) -> dict:
     """Checks inputs, runs the pipeline to the end, prints and returns the manifest."""
     from pipeline import graph
-    from transforms.embed import check_contract, cpu_supports_bfloat16, fingerprint, localize
+    from transforms.embed import (check_contract, cpu_supports_bfloat16, fingerprint,
+                                  forget_models, localize)
     opts = options.view_as(GbifEmbedOptions)
     for flag in ("export", "model", "output"):
         if not getattr(opts, flag):
@@ -185,6 +186,9 @@ def run(options: PipelineOptions) -> dict:
         identity = read_identity(archive, read_spec(archive))
     check_contract(opts.model, opts.embedding_dim)
     model_fingerprint = fingerprint(localize(opts.model))
+    runner = _runner(options)
+    if runner is None:  # remote workers load their own copy from --model
+        forget_models()
     previous = read_latest(opts.output)
     snapshot = new_snapshot_name()
     mode = "full" if opts.full else ("refresh" if previous else "first run")
@@ -198,7 +202,7 @@ def run(options: PipelineOptions) -> dict:
                   "embedding_dim": opts.embedding_dim},
         "options": {k: v for k, v in options.get_all_options(drop_default=True).items()},
     }
-    pipeline = beam.Pipeline(runner=_runner(options), options=options)
+    pipeline = beam.Pipeline(runner=runner, options=options)
     graph.build(pipeline, opts, snapshot=snapshot, manifest=manifest,
                 model_fingerprint=model_fingerprint,
                 inference_threads=_inference_threads(options),

@@ -42,15 +42,17 @@ def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: 
                                        | "SplitUnchanged" >> SplitUnchanged())
     decoded = (changed
                | "Decode" >> beam.ParDo(DecodeImages(opts.resize, opts.max_image_pixels,
-                                                     opts.decode_threads))
+                                                     opts.decode_threads,
+                                                     lookahead=2 * opts.batch_size))
                .with_outputs(FAILURES, TALLY, main="pixels"))
     rows, embed_failures = decoded.pixels | "Embed" >> Embed(embedder, model_fingerprint)
 
     failures = ((fetched.failures, decoded.failures, embed_failures)
                 | "AllFailures" >> beam.Flatten())
-    all_rows = (rows, reused, unchanged) | "AllRows" >> beam.Flatten()
-    written = all_rows | "WriteEmbeddings" >> WriteParquet(folder, "embeddings",
-                                                       schemas["embeddings"])
+    # Each input is written in the stage that makes it: on the local runner a
+    # Flatten of PCollections from different stages holds every row in memory.
+    written = (rows, reused, unchanged) | "WriteEmbeddings" >> WriteParquet(
+        folder, "embeddings", schemas["embeddings"])
     failed = failures | "WriteFailures" >> WriteParquet(folder, "failures", FAILURE_SCHEMA)
     tally = ((read_tally, compare_tally, fetched[TALLY], split_tally, decoded[TALLY],
               rows | "CountInferences" >> beam.Map(lambda _: {"embed.inferred": 1}),

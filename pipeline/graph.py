@@ -1,4 +1,4 @@
-"""The pipeline graph: export → tasks → (reuse | fetch → decode → embed) → Parquet → snapshot.
+"""The pipeline graph: export → tasks → (reuse | fetch by host → decode → embed) → Parquet → snapshot.
 
 Data flows one way; every stage sends what it could not do to the failures
 output, so each image row ends as an embedding, a failure or a counted skip.
@@ -9,10 +9,11 @@ from typing import Optional
 
 import apache_beam as beam
 
-from pipeline.options import GbifEmbedOptions
+from pipeline.options import GbifEmbedOptions, fetch_config
+from transforms.content_dedup import SkipKnownContent
 from transforms.decode import DecodeImages
 from transforms.embed import Embed, HubImageEmbedder
-from transforms.fetch import FetchConfig, FetchImages
+from transforms.fetch import FetchImages
 from transforms.read_export import ReadExport
 from transforms.records import FAILURES, NOT_MODIFIED
 from transforms.refresh import CompareWithPrevious, SplitUnchanged
@@ -34,28 +35,28 @@ def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: 
     tasks, read_tally = p | "ReadExport" >> ReadExport(opts.export, opts.max_images)
     to_fetch, reused, compare_tally = tasks | "CompareWithPrevious" >> CompareWithPrevious(
         previous_folder, model_fingerprint, opts.revalidate)
-    fetched = (to_fetch
-               | "Distribute" >> beam.Reshuffle()
-               | "Fetch" >> beam.ParDo(FetchImages(FetchConfig.from_options(opts)))
-               .with_outputs(FAILURES, NOT_MODIFIED, TALLY, main="images"))
+    fetched = to_fetch | "Fetch" >> FetchImages(fetch_config(opts))
     changed, unchanged, split_tally = ((fetched.images, fetched[NOT_MODIFIED])
                                        | "SplitUnchanged" >> SplitUnchanged())
-    decoded = (changed
+    new, known, known_tally = changed | "SkipKnownContent" >> SkipKnownContent(
+        model_fingerprint, snapshot)
+    decoded = (new
                | "Decode" >> beam.ParDo(DecodeImages(opts.resize, opts.max_image_pixels,
                                                      opts.decode_threads,
                                                      lookahead=2 * opts.batch_size))
                .with_outputs(FAILURES, TALLY, main="pixels"))
-    rows, embed_failures = decoded.pixels | "Embed" >> Embed(embedder, model_fingerprint)
+    rows, embed_failures, embed_tally = decoded.pixels | "Embed" >> Embed(
+        embedder, model_fingerprint, snapshot)
 
     failures = ((fetched.failures, decoded.failures, embed_failures)
                 | "AllFailures" >> beam.Flatten())
     # Each input is written in the stage that makes it: on the local runner a
     # Flatten of PCollections from different stages holds every row in memory.
-    written = (rows, reused, unchanged) | "WriteEmbeddings" >> WriteParquet(
+    written = (rows, known, reused, unchanged) | "WriteEmbeddings" >> WriteParquet(
         folder, "embeddings", schemas["embeddings"])
     failed = failures | "WriteFailures" >> WriteParquet(folder, "failures", FAILURE_SCHEMA)
-    tally = ((read_tally, compare_tally, fetched[TALLY], split_tally, decoded[TALLY],
-              rows | "CountInferences" >> beam.Map(lambda _: {"embed.inferred": 1}),
+    tally = ((read_tally, compare_tally, fetched[TALLY], split_tally, known_tally,
+              decoded[TALLY], embed_tally,
               failures | "CountFailures" >> beam.Map(
                   lambda f: {f"failed.{f['stage']}.{f['reason']}": 1}))
              | "AllTallies" >> beam.Flatten()

@@ -5,11 +5,11 @@ worker, on every runner, sees the same values the launcher parsed.
 """
 from __future__ import annotations
 
-from apache_beam.options.pipeline_options import PipelineOptions
+from typing import Any
 
-DEFAULT_USER_AGENT = (
-    "gbif-embed/0.1 (+https://github.com/gbif-embed/gbif-embed; "
-    "image embeddings for GBIF occurrence downloads)")
+from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
+
+from transforms.fetch_config import DEFAULT_USER_AGENT, FetchConfig, parse_mirrors
 
 
 class GbifEmbedOptions(PipelineOptions):
@@ -39,12 +39,14 @@ class GbifEmbedOptions(PipelineOptions):
             help="Stop after this many image rows of the export (0: all)")
         # Fetching.
         add("--fetch_concurrency", type=int, default=32,
-            help="Requests in flight per worker process")
+            help="Requests in flight per worker process (all hosts together)")
         add("--per_host_concurrency", type=int, default=8,
-            help="Requests in flight to one host per worker process")
+            help="Requests in flight to one host, for the whole job (all workers "
+            "together)")
         add("--per_host_rate", type=float, default=20.0,
-            help="Requests per second to one host per worker process (starting "
-            "rate; 429/503 lower it)")
+            help="Requests per second to one host, for the whole job (all workers "
+            "together; at most floor(rate) in any 1-second window); 429/503 lower "
+            "it, Retry-After pauses it")
         add("--max_attempts", type=int, default=4,
             help="Tries per URL, counting the first, for transient failures")
         add("--connect_timeout", type=float, default=10.0, help="Seconds")
@@ -86,3 +88,25 @@ class GbifEmbedOptions(PipelineOptions):
             "thumbnails are fetched after the run (0: no thumbnails, no fetches)")
         add("--quiet", action="store_true", default=False,
             help="No progress display and no summary on the terminal")
+
+
+def fetch_config(opts: Any) -> FetchConfig:
+    """The fetch stage's configuration from the parsed options."""
+    if not isinstance(opts, GbifEmbedOptions):
+        opts = opts.view_as(GbifEmbedOptions)
+    return FetchConfig(
+        fetch_concurrency=opts.fetch_concurrency,
+        per_host_concurrency=opts.per_host_concurrency,
+        per_host_rate=opts.per_host_rate,
+        max_attempts=opts.max_attempts,
+        connect_timeout=opts.connect_timeout,
+        read_timeout=opts.read_timeout,
+        fetch_timeout=opts.fetch_timeout,
+        max_redirects=opts.max_redirects,
+        max_image_bytes=opts.max_image_bytes,
+        # --user_agent is Beam's own option (SetupOptions); unset means ours.
+        user_agent=opts.view_as(SetupOptions).user_agent or DEFAULT_USER_AGENT,
+        allow_private_networks=opts.allow_private_networks or (),
+        image_source=opts.image_source,
+        mirrors=parse_mirrors(opts.mirror or ""),
+    )

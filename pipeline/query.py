@@ -24,8 +24,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.options import DEFAULT_USER_AGENT
-from transforms.fetch import FetchConfig, Fetcher, mirrored, parse_mirrors, source_url
+from transforms.fetch_config import (DEFAULT_USER_AGENT, FetchConfig, mirrored, parse_mirrors,
+                                     source_url)
+from transforms.fetcher import Fetcher
 from transforms.snapshot import join, read_latest, read_manifest
 
 GBIF_OCCURRENCE_URL = "https://www.gbif.org/occurrence/{gbif_id}"

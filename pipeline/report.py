@@ -37,7 +37,8 @@ from PIL import Image, ImageOps
 
 from pipeline.query import (QueryResult, Snapshot, image_url, iter_blocks, occurrence_link,
                             open_snapshot, rows_at, run_fetch_config, search, vectors_at)
-from transforms.fetch import FetchConfig, Fetcher
+from transforms.fetch_config import FetchConfig
+from transforms.fetcher import Fetcher
 from transforms.snapshot import join, write_atomically
 
 REPORT = "report.html"

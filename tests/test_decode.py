@@ -115,23 +115,25 @@ def test_reduced_size_jpeg_decode_matches_full_decode():
 
 
 def test_decode_dofn_drops_bytes_and_reports_failures():
-    good = {"gbifID": 1, "identifier": "u1", "content": _encode(_left_red_right_blue(), "PNG"),
-            "attempts": 1, "http_status": 200}
-    bad = {"gbifID": 2, "identifier": "u2", "content": b"nope", "attempts": 1,
-           "http_status": 200}
+    good = _fetched(1, _encode(_left_red_right_blue(), "PNG"))
+    bad = dict(_fetched(2, b"nope"), tasks=[{"gbifID": 2, "identifier": "u2"},
+                                             {"gbifID": 3, "identifier": "u2"}])
     with beam.Pipeline(runner="BundleBasedDirectRunner") as p:
         out = (p | beam.Create([good, bad])
                | beam.ParDo(DecodeImages(threads=2)).with_outputs(FAILURES, TALLY, main="ok"))
-        assert_that(out.ok | beam.Map(lambda d: (d["gbifID"], "content" in d, d["width"],
-                                                 d["pixels"].shape)),
+        assert_that(out.ok | beam.Map(lambda d: (d["tasks"][0]["gbifID"], "content" in d,
+                                                 d["width"], d["pixels"].shape)),
                     equal_to([(1, False, 400, (299, 299, 3))]), label="decoded")
+        # An image shared by two rows fails for both rows.
         assert_that(out[FAILURES] | beam.Map(lambda f: (f["gbifID"], f["stage"], f["reason"],
                                                         f["attempts"])),
-                    equal_to([(2, "decode", "not_an_image", 1)]), label="failed")
+                    equal_to([(2, "decode", "not_an_image", 1), (3, "decode", "not_an_image", 1)]),
+                    label="failed")
 
 
 def _fetched(i: int, data: bytes) -> dict:
-    return {"gbifID": i, "identifier": f"u{i}", "content": data, "attempts": 1,
+    """A fetched image as the fetch stage emits it: one URL, its rows in `tasks`."""
+    return {"tasks": [{"gbifID": i, "identifier": f"u{i}"}], "content": data, "attempts": 1,
             "http_status": 200}
 
 
@@ -155,7 +157,7 @@ def test_decoding_keeps_a_lookahead_submitted_and_loses_nothing():
         emitted += [out for out in dofn.finish_bundle() if not isinstance(out, TaggedOutput)]
     finally:
         dofn.teardown()
-    assert sorted(wv.value["gbifID"] for wv in emitted) == list(range(10))
+    assert sorted(wv.value["tasks"][0]["gbifID"] for wv in emitted) == list(range(10))
     assert all(wv.value["pixels"].shape == (299, 299, 3) for wv in emitted)
 
 
@@ -165,7 +167,7 @@ def test_decode_dofn_with_lookahead_in_a_pipeline():
         out = (p | beam.Create([_fetched(i, data if i % 7 else b"junk") for i in range(60)])
                | beam.ParDo(DecodeImages(threads=3, lookahead=16))
                .with_outputs(FAILURES, TALLY, main="ok"))
-        assert_that(out.ok | beam.Map(lambda d: d["gbifID"]),
+        assert_that(out.ok | beam.Map(lambda d: d["tasks"][0]["gbifID"]),
                     equal_to([i for i in range(60) if i % 7]), label="decoded")
         assert_that(out[FAILURES] | beam.Map(lambda f: f["gbifID"]),
                     equal_to([i for i in range(60) if not i % 7]), label="failed")

@@ -137,14 +137,20 @@ def test_batches_give_the_rows_one_by_one_gives(tiny):
     assert handler.batch_elements_kwargs() == {"min_batch_size": 4, "max_batch_size": 4}
 
 
+def _image(i: int, pixels: np.ndarray) -> dict:
+    """A decoded image as the decode stage emits it: its rows in `tasks`."""
+    return {"tasks": [{"gbifID": i, "identifier": f"u{i}"}], "image_sha256": f"sha{i}",
+            "pixels": pixels}
+
+
 def test_embed_transform_batches_and_drops_the_pixels(tiny):
     handler = HubImageEmbedder(tiny, batch_size=4)
     pictures = _pictures(10, seed=2)
     expected = load(tiny).embed(pictures).numpy()
-    decoded = [{"gbifID": i, "identifier": f"u{i}", "pixels": pictures[i]} for i in range(10)]
+    decoded = [_image(i, pictures[i]) for i in range(10)]
     with beam.Pipeline(runner="BundleBasedDirectRunner") as p:
-        rows, failures = (p | beam.Create(decoded)
-                          | Embed(handler, "sha256:test"))
+        rows, failures, _ = (p | beam.Create(decoded)
+                             | Embed(handler, "sha256:test"))
         assert_that(rows | beam.Map(lambda r: (
             r["gbifID"], "pixels" in r, r["model_fingerprint"],
             bool(np.allclose(r["embedding"], expected[r["gbifID"]], atol=1e-4)))),
@@ -156,10 +162,10 @@ def test_a_failed_batch_becomes_failure_rows(tiny):
     """A batch the model cannot take ends as inference_error rows, not a crash
     (nor a hang: the model still answers from another thread afterwards)."""
     handler = HubImageEmbedder(tiny, batch_size=2)
-    bad = [{"gbifID": i, "identifier": f"u{i}", "http_status": 200, "attempts": 1,
-            "pixels": np.zeros((10, 10, 3), np.uint8)} for i in range(2)]
+    bad = [dict(_image(i, np.zeros((10, 10, 3), np.uint8)), http_status=200, attempts=1)
+           for i in range(2)]
     with beam.Pipeline(runner="BundleBasedDirectRunner") as p:
-        rows, failures = p | beam.Create(bad) | Embed(handler, "sha256:test")
+        rows, failures, _ = p | beam.Create(bad) | Embed(handler, "sha256:test")
         assert_that(rows, equal_to([]), label="rows")
         assert_that(failures | beam.Map(lambda f: (f["gbifID"], f["stage"], f["reason"])),
                     equal_to([(0, "embed", "inference_error"), (1, "embed", "inference_error")]),
@@ -177,11 +183,11 @@ def test_rows_are_written_where_they_are_made(tiny, tmp_path):
     """WriteParquet takes several PCollections and writes each without a Flatten."""
     handler = HubImageEmbedder(tiny, batch_size=4)
     pictures = _pictures(6, seed=3)
-    decoded = [{"gbifID": i, "identifier": f"u{i}", "pixels": pictures[i]} for i in range(6)]
+    decoded = [_image(i, pictures[i]) for i in range(6)]
     reused = [{"gbifID": 100, "identifier": "old", "embedding": np.ones(256, np.float32)}]
     folder = str(tmp_path / "snapshot")
     with beam.Pipeline(runner="BundleBasedDirectRunner") as p:
-        rows, _ = p | "Decoded" >> beam.Create(decoded) | Embed(handler, "sha256:test")
+        rows, _, _ = p | "Decoded" >> beam.Create(decoded) | Embed(handler, "sha256:test")
         old = p | "Reused" >> beam.Create(reused)
         written = (rows, old) | WriteParquet(folder, "embeddings", embedding_schema())
         assert_that(written | beam.Map(lambda w: w[1]) | beam.combiners.ToList()

@@ -28,8 +28,11 @@ from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
 from PIL import Image
 
 from tests.http_server import FaultServer
-from transforms.fetch import (FetchConfig, Fetcher, FetchImages, backoff_delay,
-                              parse_retry_after, sniff_format, source_url)
+from pipeline.options import fetch_config
+from transforms.fetch import FetchImages
+from transforms.fetch_config import FetchConfig, source_url
+from transforms.fetch_outcome import backoff_delay, parse_retry_after, sniff_format
+from transforms.fetcher import Fetcher
 from transforms.politeness import Politeness
 from transforms.records import FAILURES, NOT_MODIFIED
 from transforms.tally import TALLY, MergeTallies
@@ -531,14 +534,14 @@ def test_config_from_pipeline_options():
     opts = PipelineOptions(["--per_host_rate=2.5", "--max_attempts=2",
                             "--allow_private_networks=127.0.0.1/32,10.0.0.0/8",
                             "--image_source=gbif_cache", "--fetch_timeout=9"])
-    cfg = FetchConfig.from_options(opts)
+    cfg = fetch_config(opts)
     assert (cfg.per_host_rate, cfg.max_attempts, cfg.fetch_timeout) == (2.5, 2, 9.0)
     assert cfg.allow_private_networks == ("127.0.0.1/32", "10.0.0.0/8")
     assert cfg.image_source == "gbif_cache" and cfg.per_host_concurrency == 8
     assert cfg.host_overrides() == {"api.gbif.org": (1, 2.5)}
     assert cfg.user_agent.startswith("gbif-embed/")
-    assert FetchConfig.from_options(PipelineOptions(["--user_agent=me/1 (x@y.z)"])
-                                    ).user_agent == "me/1 (x@y.z)"
+    assert fetch_config(PipelineOptions(["--user_agent=me/1 (x@y.z)"])
+                        ).user_agent == "me/1 (x@y.z)"
 
 
 def test_source_url_uses_gbif_cache_form():
@@ -630,29 +633,33 @@ def _has_subset(expected: dict):
 
 
 def test_fetch_images_in_a_beam_pipeline(server):
+    """Each distinct URL is fetched once and its result goes to every row of it."""
     ok_url = server.add("/p/ok.jpg", JPEG, headers={"ETag": '"v1"'})
     flaky_url = server.add("/p/flaky.jpg", script=[{"status": 500}, {"body": JPEG}])
+    missing = server.url("/p/missing.jpg")
     tasks = [
         _task("1", ok_url),
         _task("2", flaky_url),
-        _task("3", server.url("/p/missing.jpg")),
+        _task("3", missing),
         _task("4", server.add("/p/page.jpg", HTML)),
-        _task("5", ok_url, etag='"v1"', last_modified=None, revalidate=True),
-        _task("6", ok_url, etag='"v0"', revalidate=True),
+        _task("5", ok_url + "?v=1", etag='"v1"', last_modified=None, revalidate=True),
+        _task("6", ok_url + "?v=0", etag='"v0"', revalidate=True),
+        _task("7", ok_url),
+        _task("8", missing),
     ]
     digest = hashlib.sha256(JPEG).hexdigest()
     pipeline = beam.Pipeline(runner=FnApiRunner())
-    outputs = (pipeline | beam.Create(tasks)
-               | beam.ParDo(FetchImages(config())).with_outputs(
-                   FAILURES, NOT_MODIFIED, TALLY, main="fetched"))
-    assert_that(outputs.fetched | "ok" >> beam.Map(
-        lambda r: (r["gbifID"], r["image_sha256"], r["image_format"], r["http_status"],
-                   r["attempts"], r["bytes"], r["content"] == JPEG, r["occurrenceID"])),
-        equal_to([(i, digest, "jpeg", 200, n, len(JPEG), True, f"occ-{i}")
-                  for i, n in (("1", 1), ("2", 2), ("6", 1))]), label="fetched")
+    outputs = pipeline | beam.Create(tasks) | FetchImages(config())
+    assert_that(outputs.images | "ok" >> beam.Map(
+        lambda r: (sorted(t["gbifID"] for t in r["tasks"]), r["image_sha256"],
+                   r["image_format"], r["http_status"], r["attempts"], r["bytes"],
+                   r["content"] == JPEG, sorted(t["occurrenceID"] for t in r["tasks"]))),
+        equal_to([(ids, digest, "jpeg", 200, n, len(JPEG), True, [f"occ-{i}" for i in ids])
+                  for ids, n in ((["1", "7"], 1), (["2"], 2), (["6"], 1))]), label="fetched")
     assert_that(outputs[FAILURES] | "fail" >> beam.Map(
         lambda f: (f["gbifID"], f["stage"], f["reason"], f["http_status"], f["attempts"])),
-        equal_to([("3", "fetch", "http_404", 404, 1), ("4", "fetch", "not_an_image", 200, 1)]),
+        equal_to([("3", "fetch", "http_404", 404, 1), ("8", "fetch", "http_404", 404, 1),
+                  ("4", "fetch", "not_an_image", 200, 1)]),
         label="failures")
     assert_that(outputs[NOT_MODIFIED] | "304" >> beam.Map(
         lambda t: (t["gbifID"], t["http_status"], t["attempts"], "content" in t)),
@@ -661,6 +668,7 @@ def test_fetch_images_in_a_beam_pipeline(server):
                 _has_subset({"fetch.ok": 3, "fetch.failed": 2, "fetch.not_modified": 1,
                              "fetch.reason.http_404": 1, "fetch.reason.not_an_image": 1,
                              "fetch.retries": 1, "fetch.requests": 7,
+                             "fetch.distinct_urls": 6, "dedup.rows_sharing_a_fetch": 2,
                              "fetch.bytes": 3 * len(JPEG)}), label="tally")
     result = pipeline.run()
     result.wait_until_finish()

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from transforms.concurrency import ThreadedDoFn
-from transforms.records import FAILURES, failure
+from transforms.records import FAILURES, failures_of
 from apache_beam.pvalue import TaggedOutput
 
 SIZE = 299
@@ -133,14 +133,13 @@ class DecodeImages(ThreadedDoFn):
         self._max_pixels = max_pixels
 
     def work(self, fetched: dict) -> Iterable:
-        task = {k: v for k, v in fetched.items() if k != "content"}
+        image = {k: v for k, v in fetched.items() if k != "content"}
         try:
             pixels, width, height = decode_image(fetched["content"], self._resize,
                                                  max_pixels=self._max_pixels)
         except DecodeError as err:
             self.tally.add(f"decode.reason.{err.reason}")
-            return [TaggedOutput(FAILURES, failure(
-                task, "decode", err.reason, err.detail, fetched.get("http_status"),
-                fetched.get("attempts", 0)))]
+            return [TaggedOutput(FAILURES, row) for row in failures_of(
+                image, "decode", err.reason, err.detail)]
         self.tally.add("decode.ok")
-        return [dict(task, pixels=pixels, width=width, height=height)]
+        return [dict(image, pixels=pixels, width=width, height=height)]

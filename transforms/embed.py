@@ -8,7 +8,6 @@ from the launcher), once per worker process, by RunInference's shared handle.
 """
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import logging
@@ -26,7 +25,9 @@ import numpy as np
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 from apache_beam.pvalue import TaggedOutput
 
-from transforms.records import FAILURES, failure
+from transforms import content_dedup
+from transforms.records import failures_of
+from transforms.tally import TALLY
 
 INPUT_KEY = "images"
 OUTPUT_KEY = "default"
@@ -283,39 +284,44 @@ class HubImageEmbedder(ModelHandler[np.ndarray, np.ndarray, LoadedModel]):
         return self._resource_hints
 
 
-class _ToRow(beam.DoFn):
-    """Model output → output row; the input image is dropped right here."""
+class _ToRows(beam.DoFn):
+    """Model output → one row per row of the image; the input image is dropped
+    right here, and the embedding is remembered for later copies of the content."""
 
-    def __init__(self, model_fingerprint: str):
+    def __init__(self, model_fingerprint: str, run: str):
         self._fingerprint = model_fingerprint
+        self._run = run
 
     def process(self, keyed):
-        meta, vector = keyed  # run_inference returns bare vectors, not PredictionResults
-        yield dict(meta, embedding=np.asarray(vector, dtype=np.float32),
-                   model_fingerprint=self._fingerprint,
-                   embedded_at=datetime.datetime.now(datetime.timezone.utc))
+        image, vector = keyed  # run_inference returns bare vectors, not PredictionResults
+        vector = np.asarray(vector, dtype=np.float32)
+        content_dedup.remember(self._run, image, vector)
+        yield TaggedOutput(TALLY, {"embed.inferred": 1})
+        yield from content_dedup.rows_of(image, vector, self._fingerprint)
 
 
 def _failed_batch(failed) -> Iterable[dict]:
     batch, error = failed
-    for meta, _ in batch:
-        yield failure(meta, "embed", "inference_error", f"{type(error).__name__}: {error}",
-                      meta.get("http_status"), meta.get("attempts", 0))
+    for image, _ in batch:
+        yield from failures_of(image, "embed", "inference_error",
+                               f"{type(error).__name__}: {error}")
 
 
 class Embed(beam.PTransform):
-    """Decoded images → (embedding rows, failure rows)."""
+    """Decoded images → (embedding rows, failure rows, tally)."""
 
-    def __init__(self, handler: HubImageEmbedder, model_fingerprint: str):
+    def __init__(self, handler: HubImageEmbedder, model_fingerprint: str, run: str = ""):
         super().__init__()
         self._handler = handler
         self._fingerprint = model_fingerprint
+        self._run = run or model_fingerprint
 
     def expand(self, decoded):
         keyed = decoded | "SplitPixels" >> beam.Map(
             lambda d: ({k: v for k, v in d.items() if k != "pixels"}, d["pixels"]))
         results, dead = (keyed | "RunInference" >> RunInference(
             KeyedModelHandler(self._handler)).with_exception_handling())
-        rows = results | "ToRow" >> beam.ParDo(_ToRow(self._fingerprint))
+        rows = results | "ToRows" >> beam.ParDo(_ToRows(self._fingerprint, self._run)).with_outputs(
+            TALLY, main="rows")
         failures = dead.failed_inferences | "FailedBatches" >> beam.FlatMap(_failed_batch)
-        return rows, failures
+        return rows.rows, failures, rows[TALLY]

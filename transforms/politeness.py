@@ -2,16 +2,23 @@
 
 Image hosts are mostly small institutional servers, and one GBIF download can
 hold hundreds of thousands of URLs on the same host. Flooding it earns 429s
-and bans (img2dataset#62), so every worker process keeps, per host, a cap on
-requests in flight, a request rate, and a "not before" time set by
-`Retry-After`. A 429 or 503 halves the host's rate; answers that show the
-host coping raise it again slowly (additive increase, multiplicative decrease).
+and bans (img2dataset#62), so every request to a host first takes a slot
+(requests in flight), waits for its turn (a request rate, checked as "at most
+`floor(rate)` requests in any 1-second window" as well as evenly spaced), and
+respects a "not before" time set by `Retry-After`. A 429 or 503 halves the
+host's rate; answers that show the host coping raise it again slowly
+(additive increase, multiplicative decrease).
 
-One `Politeness` is shared by all threads of a worker process (see `shared`),
-since the limits are per process, not per DoFn instance or thread.
+The limits of a host are what this process was *granted*: the fetch stage
+splits each host's job-wide limits into shard budgets (`shard_budgets`), and
+a process grants itself the budgets of the shards it fetches, so the sum over
+all processes never exceeds the job-wide limits. A host nobody granted (a
+redirect target on another host, or a tool such as `query`) gets the default
+limits given to the constructor.
 """
 from __future__ import annotations
 
+import collections
 import math
 import threading
 import time
@@ -22,6 +29,38 @@ THROTTLE_STATUSES = frozenset({429, 503})
 MIN_RATE = 0.1            # requests/s: a throttled host still sees progress
 RECOVERY_STEPS = 50       # well-answered requests to climb from 0 to the target
 MAX_RETRY_AFTER = 3600.0  # seconds: a bigger Retry-After is a misconfiguration
+# The rate window is this much longer than a second, so that jitter between
+# our clock and the host's (thread wake-ups, the network) cannot make a
+# host see one request too many in a 1-second window of its own.
+WINDOW_S = 1.02
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One shard's share of a host's job-wide limits."""
+
+    concurrency: int
+    rate: float  # requests/s; 0 means no rate limit
+
+
+def shard_budgets(concurrency: int, rate: float) -> list[Budget]:
+    """A host's job-wide (concurrency, rate) split into equal shards that never
+    add up to more, in requests in flight or in requests in any 1-second window.
+
+    Each shard needs a whole slot and a whole number of requests per second
+    (so that the shards' 1-second windows add up to at most floor(rate)), and
+    equal shares keep a host's shards equally long whatever limits them. So
+    there are gcd(concurrency, floor(rate)) shards: 4 at the defaults (8, 20),
+    each (2, 5); one when the rate is below 1/s or the two share no divisor.
+    """
+    concurrency = max(1, int(concurrency))
+    if rate <= 0:  # no rate limit: shards split the concurrency only
+        return [Budget(1, 0.0)] * concurrency
+    if rate < 1:
+        return [Budget(concurrency, float(rate))]
+    whole = int(math.floor(rate + 1e-9))
+    n = math.gcd(concurrency, whole)
+    return [Budget(concurrency // n, float(whole // n))] * n
 
 
 @dataclass(frozen=True)
@@ -36,9 +75,12 @@ class _Host:
     """The mutable state of one host; guarded by `Politeness._lock`."""
 
     def __init__(self, concurrency: int, rate: float):
-        self.slots = threading.BoundedSemaphore(max(1, concurrency))
+        self.concurrency = max(1, concurrency)
+        self.in_flight = 0
         self.target_rate = rate
         self.rate = rate
+        self.granted: Optional[Budget] = None  # None: the default limits
+        self.sent: collections.deque = collections.deque()
         self.next_send = -math.inf
         self.blocked_until = -math.inf
         self.last_decrease = -math.inf
@@ -46,13 +88,32 @@ class _Host:
     def interval(self) -> float:
         return 1.0 / self.rate if self.rate > 0 else 0.0
 
+    def window_cap(self) -> int:
+        return max(1, int(math.floor(self.rate + 1e-9)))
+
+    def earliest(self, now: float) -> float:
+        """When the next request may go, by rate, window and Retry-After."""
+        when = max(now, self.next_send, self.blocked_until)
+        if self.rate > 0:
+            cap = self.window_cap()
+            if len(self.sent) >= cap:
+                when = max(when, self.sent[-cap] + WINDOW_S)
+        return when
+
+    def record(self, at: float) -> None:
+        self.next_send = at + self.interval()
+        self.sent.append(at)
+        while len(self.sent) > self.window_cap():
+            self.sent.popleft()
+
 
 class Politeness:
     """Thread-safe per-host limiter: concurrency, rate and Retry-After.
 
     `rate` <= 0 means no rate limit (only Retry-After is honoured).
-    `overrides` maps a host name to its own (concurrency, rate), e.g. GBIF's
-    image cache, which asks for a single connection. Waiting uses semaphores and timed sleeps, never spinning.
+    `overrides` maps a host name to its own default (concurrency, rate), e.g.
+    GBIF's image cache, which asks for a single connection. Waiting uses
+    condition variables and timed sleeps, never spinning.
     """
 
     def __init__(self, concurrency: int, rate: float, *,
@@ -67,7 +128,38 @@ class Politeness:
         self._clock = clock
         self._sleep = sleep
         self._lock = threading.Lock()
+        self._freed = threading.Condition(self._lock)
         self._hosts: dict[str, _Host] = {}
+
+    # -- budgets
+
+    def grant(self, host: str, budget: Budget) -> None:
+        """Adds a shard's budget to this process's limits for `host`."""
+        self._regrant(host, budget, +1)
+
+    def revoke(self, host: str, budget: Budget) -> None:
+        """Takes a shard's budget back (the shard's work is over)."""
+        self._regrant(host, budget, -1)
+
+    def _regrant(self, host: str, budget: Budget, sign: int) -> None:
+        with self._lock:
+            state = self._host_locked(host)
+            old = state.granted or Budget(0, 0.0)
+            new = Budget(old.concurrency + sign * budget.concurrency,
+                         old.rate + sign * budget.rate)
+            if new.concurrency <= 0:
+                state.granted = None
+                new = Budget(*self.overrides.get(host, (self.concurrency, self.rate)))
+            else:
+                state.granted = new
+            # A throttled host stays as throttled, in proportion.
+            share = state.rate / state.target_rate if state.target_rate > 0 else 1.0
+            state.concurrency = max(1, new.concurrency)
+            state.target_rate = new.rate
+            state.rate = max(self.min_rate, new.rate * share) if new.rate > 0 else 0.0
+            self._freed.notify_all()
+
+    # -- requests
 
     def acquire(self, host: str, deadline: float) -> Optional[Ticket]:
         """Wait for a slot to `host`; None if none comes before `deadline`.
@@ -75,23 +167,27 @@ class Politeness:
         Holding a concurrency slot while waiting for the rate is deliberate:
         the wait is for this host only, and the order of arrival is kept.
         """
-        state = self._host(host)
-        if not state.slots.acquire(timeout=max(0.0, deadline - self._clock())):
-            return None
+        with self._lock:
+            state = self._host_locked(host)
+            while state.in_flight >= state.concurrency:
+                remaining = deadline - self._clock()
+                if remaining <= 0 or not self._freed.wait(remaining):
+                    if state.in_flight >= state.concurrency:
+                        return None
+            state.in_flight += 1
         while True:
             with self._lock:
                 now = self._clock()
-                send_at = max(now, state.next_send, state.blocked_until)
+                send_at = state.earliest(now)
                 if send_at > deadline:
-                    state.slots.release()
+                    state.in_flight -= 1
+                    self._freed.notify_all()
                     return None
-                state.next_send = send_at + state.interval()
-            if send_at > now:
-                self._sleep(send_at - now)
-            with self._lock:
-                # A Retry-After may have arrived while this thread slept.
-                if state.blocked_until <= self._clock():
-                    return Ticket(host, send_at)
+                if send_at <= now:
+                    state.record(now)
+                    return Ticket(host, now)
+            # A Retry-After may arrive while this thread sleeps: look again.
+            self._sleep(send_at - now)
 
     def release(self, ticket: Ticket, status: Optional[int] = None,
                 retry_after: Optional[float] = None) -> None:
@@ -102,8 +198,8 @@ class Politeness:
         last decrease may lower the rate again, or one burst of concurrent
         429s would drive it to the floor at once.
         """
-        state = self._host(ticket.host)
         with self._lock:
+            state = self._host_locked(ticket.host)
             now = self._clock()
             if status in THROTTLE_STATUSES:
                 if state.rate > 0 and ticket.sent_at > state.last_decrease:
@@ -116,7 +212,20 @@ class Politeness:
             if retry_after is not None and retry_after > 0:
                 wait = min(retry_after, MAX_RETRY_AFTER)
                 state.blocked_until = max(state.blocked_until, now + wait)
-        state.slots.release()
+            state.in_flight -= 1
+            self._freed.notify_all()
+
+    # -- what a scheduler asks
+
+    def capacity(self, host: str) -> int:
+        with self._lock:
+            return self._host_locked(host).concurrency
+
+    def wait_before_send(self, host: str) -> float:
+        """Seconds until a request to `host` could be sent (0: now)."""
+        with self._lock:
+            now = self._clock()
+            return self._host_locked(host).earliest(now) - now
 
     def current_rate(self, host: str) -> float:
         with self._lock:
@@ -126,10 +235,6 @@ class Politeness:
         """Seconds until `host` may be sent to again because of Retry-After."""
         with self._lock:
             return max(0.0, self._host_locked(host).blocked_until - self._clock())
-
-    def _host(self, host: str) -> _Host:
-        with self._lock:
-            return self._host_locked(host)
 
     def _host_locked(self, host: str) -> _Host:
         state = self._hosts.get(host)
@@ -145,10 +250,10 @@ _SHARED_LOCK = threading.Lock()
 
 def shared(concurrency: int, rate: float,
            overrides: Optional[Mapping[str, tuple[int, float]]] = None) -> Politeness:
-    """The process-wide `Politeness` for these limits.
+    """The process-wide `Politeness` for these default limits.
 
     Beam may run several DoFn instances per worker process; each must see
-    the others' requests, or the per-host limits multiply.
+    the others' requests and grants, or the per-host limits multiply.
     """
     key = (int(concurrency), float(rate), tuple(sorted((overrides or {}).items())))
     with _SHARED_LOCK:

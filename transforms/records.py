@@ -1,9 +1,13 @@
 """The shapes of the elements that travel between stages.
 
 Elements are plain dicts so that every runner can pickle them without custom
-coders. An image task starts in `read_export` with the keys of `TASK_FIELDS`;
-later stages add keys and drop the bulky ones (`content`, `pixels`) as soon as
-the next stage no longer needs them.
+coders. An image task (one row of the export) starts in `read_export` with the
+keys of `TASK_FIELDS`. From the fetch on, an element is one *image*: one
+distinct URL's content and what later stages learn of it, with `tasks`, the
+rows that share it; the rows get their own outputs (an embedding row or a
+failure row each) only at the end, so an image shared by many rows is fetched,
+decoded and embedded once. Stages drop the bulky keys (`content`, `pixels`) as
+soon as the next stage no longer needs them.
 """
 from __future__ import annotations
 
@@ -35,3 +39,9 @@ def failure(task: dict, stage: str, reason: str, detail: str = "",
         "attempts": int(attempts),
         "detail": detail[:500],
     }
+
+
+def failures_of(image: dict, stage: str, reason: str, detail: str = "") -> list[dict]:
+    """A failure row for every row (task) of one image."""
+    return [failure(task, stage, reason, detail, image.get("http_status"),
+                    image.get("attempts", 0)) for task in image["tasks"]]

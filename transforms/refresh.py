@@ -154,23 +154,29 @@ class CompareWithPrevious(beam.PTransform):
 
 
 class _SplitUnchanged(beam.DoFn):
-    """After a conditional fetch: same bytes as before → reuse, else embed anew."""
+    """After a conditional fetch: rows whose previous bytes are the same → reuse;
+    the image goes on to be embedded with the rows that are new or changed."""
 
     def process(self, fetched: dict):
-        previous = fetched.pop("previous", None)
-        if previous is None:
-            yield fetched
-        elif previous.get("image_sha256") == fetched.get("image_sha256"):
-            yield TaggedOutput(TALLY, {"refresh.unchanged_after_fetch": 1,
-                                       "refresh.reused": 1})
-            yield TaggedOutput(REUSED, reuse_row(fetched, previous))
-        else:
-            yield TaggedOutput(TALLY, {"refresh.reembedded": 1})
-            yield fetched
+        keep = []
+        for task in fetched["tasks"]:
+            previous = task.get("previous")
+            if previous is None:
+                keep.append(task)
+            elif previous.get("image_sha256") == fetched.get("image_sha256"):
+                yield TaggedOutput(TALLY, {"refresh.unchanged_after_fetch": 1,
+                                           "refresh.reused": 1})
+                yield TaggedOutput(REUSED, reuse_row(task, previous))
+            else:
+                yield TaggedOutput(TALLY, {"refresh.reembedded": 1})
+                keep.append({k: v for k, v in task.items() if k != "previous"})
+        if keep:
+            yield dict(fetched, tasks=keep)
 
 
 class SplitUnchanged(beam.PTransform):
-    """Fetched images and 304 answers → (images to embed, reused rows, tally)."""
+    """Fetched images (each with its rows) and 304 answers → (images to embed,
+    reused rows, tally)."""
 
     def expand(self, pcolls):
         fetched, not_modified = pcolls

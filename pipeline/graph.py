@@ -5,7 +5,7 @@ output, so each image row ends as an embedding, a failure or a counted skip.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import apache_beam as beam
 
@@ -24,7 +24,7 @@ from transforms.write import FAILURE_SCHEMA, WriteParquet, embedding_schema
 
 def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: dict,
           model_fingerprint: str, inference_threads: int,
-          previous_folder: Optional[str] = None) -> None:
+          previous_folder: Optional[str] = None, resume_folders: Sequence[str] = ()) -> None:
     folder = join(opts.output, snapshot)
     schemas = {"embeddings": embedding_schema(opts.embedding_dim), "failures": FAILURE_SCHEMA}
     embedder = HubImageEmbedder(
@@ -34,8 +34,8 @@ def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: 
 
     tasks, read_tally = p | "ReadExport" >> ReadExport(opts.export, opts.max_images)
     to_fetch, reused, compare_tally = tasks | "CompareWithPrevious" >> CompareWithPrevious(
-        previous_folder, model_fingerprint, opts.revalidate)
-    fetched = to_fetch | "Fetch" >> FetchImages(fetch_config(opts))
+        previous_folder, model_fingerprint, opts.revalidate, resume_folders)
+    fetched = to_fetch | "Fetch" >> FetchImages(fetch_config(opts), folder)
     changed, unchanged, split_tally = ((fetched.images, fetched[NOT_MODIFIED])
                                        | "SplitUnchanged" >> SplitUnchanged())
     new, known, known_tally = changed | "SkipKnownContent" >> SkipKnownContent(
@@ -52,9 +52,11 @@ def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: 
                 | "AllFailures" >> beam.Flatten())
     # Each input is written in the stage that makes it: on the local runner a
     # Flatten of PCollections from different stages holds every row in memory.
+    every = (opts.checkpoint_rows, opts.checkpoint_seconds)
     written = (rows, known, reused, unchanged) | "WriteEmbeddings" >> WriteParquet(
-        folder, "embeddings", schemas["embeddings"])
-    failed = failures | "WriteFailures" >> WriteParquet(folder, "failures", FAILURE_SCHEMA)
+        folder, "embeddings", schemas["embeddings"], *every)
+    failed = failures | "WriteFailures" >> WriteParquet(folder, "failures", FAILURE_SCHEMA,
+                                                        *every)
     tally = ((read_tally, compare_tally, fetched[TALLY], split_tally, known_tally,
               decoded[TALLY], embed_tally,
               failures | "CountFailures" >> beam.Map(

@@ -77,6 +77,13 @@ class GbifEmbedOptions(PipelineOptions):
             help="Ask hosts whether reused images changed (conditional requests)")
         add("--keep_snapshots", type=int, default=0,
             help="Keep this many snapshots, pruning older ones (0: keep all)")
+        # Keeping finished work.
+        add("--checkpoint_rows", type=int, default=1000,
+            help="A writer makes its rows durable (closes a part file) at least every "
+            "this many rows ...")
+        add("--checkpoint_seconds", type=float, default=60.0,
+            help="... or every this many seconds, so a run killed at any moment loses "
+            "at most that much; running the same command again resumes")
         # Resource hints for the inference step.
         add("--inference_min_ram", default=None,
             help="Resource hint for the inference step, e.g. 8GB")

@@ -12,6 +12,12 @@ each distinct URL is fetched once and its result goes to all of its rows.
 
 Inside a worker process the `HostScheduler` fetches all the shards it holds
 at once, each host from its own queue, so hosts never wait for each other.
+
+When a runner retries a bundle (a worker died, a bundle failed), the rows
+that the failed attempt already wrote are in the run's parts: the new
+attempt reads their keys once and fetches only the rest, so the fetching
+redone is what the failed attempt had not yet written (at most about a
+minute or 1,000 rows per writer, see transforms/write.py).
 """
 from __future__ import annotations
 
@@ -30,7 +36,8 @@ from transforms.fetch_outcome import FetchResult
 from transforms.fetcher import Fetcher
 from transforms.host_scheduler import HostScheduler, Job
 from transforms.politeness import Budget, shard_budgets, shared
-from transforms.records import FAILURES, NOT_MODIFIED, failure
+from transforms.compact import part_files, read_keys
+from transforms.records import FAILURES, NOT_MODIFIED, failure, key_of
 from transforms.tally import TALLY, Tally, latency_key, tally_outputs
 
 INVALID_HOST = "(invalid)"
@@ -99,8 +106,9 @@ class FetchHostShards(beam.DoFn):
     `FAILURES`, one failure row per task.
     """
 
-    def __init__(self, config: FetchConfig):
+    def __init__(self, config: FetchConfig, run_folder: Optional[str] = None):
         self.config = config
+        self._run_folder = run_folder
         self._fetcher: Optional[Fetcher] = None
         self._scheduler: Optional[HostScheduler] = None
 
@@ -114,12 +122,26 @@ class FetchHostShards(beam.DoFn):
 
     def start_bundle(self):
         self._granted: list[tuple[str, Budget]] = []
+        self._written: Optional[set] = None
+
+    def _already_written(self) -> set:
+        """Keys this run already wrote (parts of earlier attempts); read once a bundle."""
+        if self._written is None:
+            self._written = set()
+            if self._run_folder:
+                self._written = read_keys(part_files(self._run_folder, "embeddings") +
+                                          part_files(self._run_folder, "failures"))
+        return self._written
 
     def process(self, element, window=beam.DoFn.WindowParam,
                 timestamp=beam.DoFn.TimestampParam):
         (host, shard), tasks = element
         by_url: dict[str, list[dict]] = {}
+        written = self._already_written()
         for task in tasks:
+            if written and key_of(task) in written:
+                self.tally.add("fetch.already_written_in_run")
+                continue
             try:
                 url = fetch_url(task, self.config)
             except ValueError as exc:
@@ -232,14 +254,15 @@ class FetchImages(beam.PTransform):
     `[NOT_MODIFIED]`, `[FAILURES]` and `[TALLY]`.
     """
 
-    def __init__(self, config: FetchConfig):
+    def __init__(self, config: FetchConfig, run_folder: Optional[str] = None):
         super().__init__()
         self._config = config
+        self._run_folder = run_folder
 
     def expand(self, tasks):
         config = self._config
         return (tasks
                 | "ByHostShard" >> beam.Map(lambda task: (shard_key(task, config), task))
                 | "GroupByHostShard" >> beam.GroupByKey()
-                | "FetchByHost" >> beam.ParDo(FetchHostShards(config)).with_outputs(
+                | "FetchByHost" >> beam.ParDo(FetchHostShards(config, self._run_folder)).with_outputs(
                     FAILURES, NOT_MODIFIED, TALLY, main="images"))

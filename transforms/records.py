@@ -23,6 +23,11 @@ FAILURES = "failures"   # tag of every stage's dead-letter output
 NOT_MODIFIED = "not_modified"  # tag of fetches answered 304 on revalidation
 
 
+def key_of(row: dict) -> tuple[int, str]:
+    """The key of an image row: (gbifID, identifier)."""
+    return (int(row["gbifID"]), row["identifier"])
+
+
 def failure(task: dict, stage: str, reason: str, detail: str = "",
             http_status: Optional[int] = None, attempts: int = 0) -> dict[str, Any]:
     """A failure row: why one image did not become an embedding.

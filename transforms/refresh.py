@@ -13,25 +13,22 @@ and re-embedded only when the host's bytes changed.
 from __future__ import annotations
 
 import posixpath
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import apache_beam as beam
 import fsspec
 import pyarrow.parquet as pq
 from apache_beam.pvalue import TaggedOutput
 
-from transforms.records import TASK_FIELDS
+from transforms.records import TASK_FIELDS, key_of
 from transforms.tally import TALLY, Tally, tally_outputs
+from transforms.write import parts_folder
 
 REUSED = "reused"
 # Columns of a reused row that describe the image and its embedding; the
 # rest (occurrence and licence fields) come from the current export.
 IMAGE_COLUMNS = ("image_sha256", "width", "height", "etag", "last_modified",
                  "model_fingerprint", "embedded_at", "embedding")
-
-
-def key_of(row: dict) -> tuple[int, str]:
-    return (int(row["gbifID"]), row["identifier"])
 
 
 def snapshot_files(folder: str, prefix: str) -> list[str]:
@@ -108,7 +105,12 @@ class _Compare(beam.DoFn):
                 self._tally.add("refresh.removed")
             return
         task = tasks[0]
-        if previous is not None and previous.get("model_fingerprint") != self._fingerprint:
+        resumed = next((row for row in grouped.get("resumed", ())
+                        if row.get("model_fingerprint") == self._fingerprint), None)
+        if resumed is not None:  # finished by a run that died: neither fetched nor embedded
+            self._tally.add("refresh.resumed")
+            yield TaggedOutput(REUSED, reuse_row(task, resumed))
+        elif previous is not None and previous.get("model_fingerprint") != self._fingerprint:
             self._tally.add("refresh.reembedded")  # rows of two models never mix
             yield task
         elif previous is None:
@@ -128,25 +130,38 @@ class _Compare(beam.DoFn):
 
 
 class CompareWithPrevious(beam.PTransform):
-    """Tasks → (tasks to fetch, reused rows, tally), given the previous snapshot."""
+    """Tasks → (tasks to fetch, reused rows, tally), given the previous snapshot
+    and the parts of runs that died since (`resume_folders`: their rows made
+    with this model are taken as they are, so a rerun redoes only the rest)."""
 
     def __init__(self, previous_folder: Optional[str], model_fingerprint: str,
-                 revalidate: bool):
+                 revalidate: bool, resume_folders: Sequence[str] = ()):
         super().__init__()
         self._folder = previous_folder
         self._fingerprint = model_fingerprint
         self._revalidate = revalidate
+        self._resume = tuple(resume_folders)
 
     def expand(self, tasks):
         p = tasks.pipeline
-        if self._folder is None:  # first run, or --full, or another model
+        if self._folder is None and not self._resume:  # first run, --full, another model
             counted = tasks | "AllNew" >> beam.Map(lambda _: {"refresh.new": 1})
             return tasks, p | "NoReuse" >> beam.Create([]), counted
-        previous = p | "PreviousEmbeddings" >> ReadSnapshot(self._folder, "embeddings")
-        failed = p | "PreviousFailures" >> ReadSnapshot(
-            self._folder, "failures", columns=["gbifID", "identifier"])
-        compared = ({"tasks": tasks | "KeyTasks" >> beam.Map(lambda t: (key_of(t), t)),
-                     "previous": previous, "failed": failed}
+        grouped = {"tasks": tasks | "KeyTasks" >> beam.Map(lambda t: (key_of(t), t))}
+        if self._folder is not None:
+            grouped["previous"] = p | "PreviousEmbeddings" >> ReadSnapshot(
+                self._folder, "embeddings")
+            grouped["failed"] = p | "PreviousFailures" >> ReadSnapshot(
+                self._folder, "failures", columns=["gbifID", "identifier"])
+        else:
+            grouped["previous"] = p | "NoPrevious" >> beam.Create([])
+            grouped["failed"] = p | "NoPreviousFailures" >> beam.Create([])
+        if self._resume:
+            grouped["resumed"] = ([p | f"Resume{i}" >> ReadSnapshot(parts_folder(folder),
+                                                                   "embeddings")
+                                   for i, folder in enumerate(self._resume)]
+                                  | "AllResumed" >> beam.Flatten())
+        compared = (grouped
                     | "ByKey" >> beam.CoGroupByKey()
                     | "Compare" >> beam.ParDo(_Compare(self._fingerprint, self._revalidate))
                     .with_outputs(REUSED, TALLY, main="fetch"))

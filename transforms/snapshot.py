@@ -1,10 +1,12 @@
 """Publishing a snapshot: manifest first, then the LATEST pointer.
 
-A run writes into a new snapshot folder that nothing points at. Only after
-every file of the run is written does this step, inside the pipeline (so it
-behaves the same on every runner), delete orphans of retried bundles, write
-`manifest.json`, and then switch `OUTPUT/LATEST` to the new folder. A run
-that dies before that leaves LATEST and the previous snapshot untouched.
+A run writes into a new snapshot folder that nothing points at: its writers
+close small parts into `parts/` as the run goes. Only after every row of the
+run is written does this step, inside the pipeline (so it behaves the same on
+every runner), compact the parts into the snapshot's files (each image once),
+write `manifest.json`, and then switch `OUTPUT/LATEST` to the new folder. A
+run that dies before that leaves LATEST and the previous snapshot untouched,
+and its parts for the next run to resume from.
 """
 from __future__ import annotations
 
@@ -18,6 +20,9 @@ from typing import Optional
 import apache_beam as beam
 import fsspec
 import pyarrow.parquet as pq
+
+from transforms.compact import compact, remove_parts
+from transforms.resume import still_resumable
 
 LATEST = "LATEST"
 MANIFEST = "manifest.json"
@@ -55,6 +60,7 @@ def write_atomically(path: str, text: str) -> None:
     """Readers see the old content or the new, never a half-written file."""
     fs, _, (local,) = fsspec.get_fs_token_paths(path)
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
         tmp = f"{local}.tmp-{uuid.uuid4().hex[:8]}"
         with open(tmp, "w") as handle:
             handle.write(text)
@@ -84,10 +90,17 @@ def summarize(tally: dict, embeddings: list, failures: list) -> dict:
         "skipped_by_reason": dict(sorted(skipped.items())),
         "failed_by_reason": dict(sorted(failed_by_reason.items())),
         "reused": tally.get("refresh.reused", 0),
+        "resumed": tally.get("refresh.resumed", 0),
         "new": tally.get("refresh.new", 0),
         "reembedded": tally.get("refresh.reembedded", 0),
         "removed": tally.get("refresh.removed", 0),
         "retried_failures": tally.get("refresh.retried_failures", 0),
+        # What fetching each distinct URL once and embedding each distinct
+        # content once saved: rows that took another row's fetch or embedding.
+        "distinct_urls_fetched": tally.get("fetch.distinct_urls", 0),
+        "rows_sharing_a_fetch": tally.get("dedup.rows_sharing_a_fetch", 0),
+        "contents_reused": tally.get("dedup.content_reused", 0),
+        "inferences": tally.get("embed.inferred", 0),
     }
 
 
@@ -101,21 +114,26 @@ class _Publish(beam.DoFn):
         self._keep = keep_snapshots
 
     def process(self, _, embeddings, failures, tally):
+        # The side inputs only make this step wait for the writers: the files
+        # are what the parts folder holds, retried bundles' parts included.
         folder = join(self._output, self._snapshot)
-        files = {"embeddings": list(embeddings), "failures": list(failures)}
+        seen: set = set()
+        files = {prefix: compact(folder, prefix, self._schemas[prefix], seen)
+                 for prefix in ("embeddings", "failures")}
         for prefix, written in files.items():
-            _delete_orphans(folder, prefix, {path for path, _ in written})
             if not written:  # readers globbing `<prefix>-*.parquet` find the schema
                 path = join(folder, f"{prefix}-empty.parquet")
                 with fsspec.open(path, "wb") as handle:
                     pq.write_table(self._schemas[prefix].empty_table(), handle)
                 written.append((path, 0))
+        remove_parts(folder)
         finished = datetime.datetime.now(datetime.timezone.utc)
         manifest = dict(self._manifest)
         launched = datetime.datetime.fromisoformat(manifest["launched_at"])
         seconds = (finished - launched).total_seconds()
         counts = summarize(tally, files["embeddings"], files["failures"])
-        processed = counts["embedded"] - counts["reused"] + counts["failed"]
+        processed = (counts["embedded"] - counts["reused"] - counts["resumed"] +
+                     counts["failed"])
         manifest.update({
             "finished_at": finished.isoformat(),
             "counts": counts,
@@ -136,26 +154,20 @@ class _Publish(beam.DoFn):
 
 def prune(output: str, current: str, keep: int) -> list[str]:
     """Deletes snapshots older than the `keep` newest complete ones, and
-    folders of runs that died before publishing. Newer folders may belong to
-    runs still going, so they are left alone."""
+    folders of runs that died before publishing, unless a later run could
+    still resume them (`transforms/resume.py`: another model's, say). Newer
+    folders may belong to runs still going, so they are left alone."""
     fs, _, (root,) = fsspec.get_fs_token_paths(output)
     fs.invalidate_cache()
     names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False))
     older = [n for n in names if n.startswith("snapshot-") and n < current]
     complete = [n for n in older if fs.exists(posixpath.join(root, n, MANIFEST))]
     kept = set(complete[len(complete) - (keep - 1):]) if keep > 1 else set()
+    kept |= still_resumable(output)
     removed = [n for n in older if n not in kept]
     for name in removed:
         fs.rm(posixpath.join(root, name), recursive=True)
     return removed
-
-
-def _delete_orphans(folder: str, prefix: str, keep: set) -> None:
-    fs, _, (root,) = fsspec.get_fs_token_paths(folder)
-    keep_local = {fsspec.get_fs_token_paths(p)[2][0] for p in keep}
-    for path in fs.glob(posixpath.join(root, f"{prefix}-*.parquet")):
-        if path not in keep_local:
-            fs.rm(path)
 
 
 class PublishSnapshot(beam.PTransform):

@@ -1,14 +1,20 @@
-"""Writing embedding and failure rows to Parquet files in a snapshot folder.
+"""Writing embedding and failure rows to Parquet as the run goes.
 
-Files are written with pyarrow through fsspec, so local folders and gs://
-behave the same (gcsfs uploads an object only when it is closed, so a file
-either exists whole or not at all). Each bundle writes its own uniquely named
-file and reports it; a bundle the runner retries leaves an orphan that the
-finalize step deletes, since only reported files are listed in the manifest.
+A long run must keep its finished work through a crash, so rows are not held
+until a bundle ends (on the local runner one bundle is the whole run): each
+writer closes a *part* file every `rows_per_part` rows or `seconds_per_part`
+seconds, into the snapshot's `parts/` folder. A part appears whole or not at
+all (a local file is written under a temporary name and renamed; gcsfs
+uploads an object when it is closed), so a run killed at any moment keeps
+every part it closed. Publishing compacts the parts into a few large files
+(`transforms/compact.py`). Local folders and gs:// behave the same, through
+fsspec.
 """
 from __future__ import annotations
 
+import os
 import posixpath
+import time
 import uuid
 from typing import Iterable
 
@@ -72,69 +78,70 @@ def to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-class _WriteFiles(beam.DoFn):
-    """Buffers rows and writes one Parquet file per bundle (rolled over at
-    `rows_per_file`); outputs (path, row count) for every finished file."""
+PARTS = "parts"
+ROWS_PER_PART = 1000
+SECONDS_PER_PART = 60.0
+
+
+def parts_folder(folder: str) -> str:
+    return posixpath.join(folder, PARTS)
+
+
+def write_table_atomically(path: str, table: pa.Table) -> None:
+    """Readers (and a later resume) see the whole file or none of it."""
+    fs, _, (local,) = fsspec.get_fs_token_paths(path)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" in protocols:
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        tmp = f"{os.path.dirname(local)}/.{os.path.basename(local)}.tmp-{uuid.uuid4().hex[:8]}"
+        pq.write_table(table, tmp, compression=COMPRESSION)
+        os.replace(tmp, local)
+        return
+    with fs.open(local, "wb") as handle:  # object stores publish on close
+        pq.write_table(table, handle, compression=COMPRESSION)
+
+
+class _WriteParts(beam.DoFn):
+    """Buffers rows and closes a part file every `rows_per_part` rows or
+    `seconds_per_part` seconds (checked as rows arrive) and at the bundle's
+    end; outputs (path, rows) for every part."""
 
     def __init__(self, folder: str, prefix: str, schema: pa.Schema,
-                 rows_per_group: int = 2048, rows_per_file: int = 500_000):
-        self._folder = folder
+                 rows_per_part: int = ROWS_PER_PART,
+                 seconds_per_part: float = SECONDS_PER_PART):
+        self._folder = parts_folder(folder)
         self._prefix = prefix
         self._schema = schema
-        self._rows_per_group = rows_per_group
-        self._rows_per_file = rows_per_file
+        self._rows_per_part = rows_per_part
+        self._seconds_per_part = seconds_per_part
 
     def start_bundle(self):
         self._buffer: list[dict] = []
-        self._writer = None
-        self._handle = None
-        self._path = None
-        self._rows = 0
-        self._finished: list[tuple[str, int]] = []
+        self._since = time.monotonic()
 
     def process(self, row: dict):
+        if not self._buffer:
+            self._since = time.monotonic()
         self._buffer.append(row)
         progress.report(self._prefix)
-        if len(self._buffer) >= self._rows_per_group:
-            self._flush()
-        if self._rows >= self._rows_per_file:
-            self._close()
-        for finished in self._finished:
-            yield finished
-        self._finished = []
+        if len(self._buffer) >= self._rows_per_part or \
+                time.monotonic() - self._since >= self._seconds_per_part:
+            yield self._write_part()
 
     def finish_bundle(self):
-        self._flush()
-        self._close()
         progress.flush()
-        for finished in self._finished:
-            yield WindowedValue(finished, MIN_TIMESTAMP, [GlobalWindow()])
+        if self._buffer:
+            yield WindowedValue(self._write_part(), MIN_TIMESTAMP, [GlobalWindow()])
 
-    def _flush(self) -> None:
-        if not self._buffer:
-            return
-        if self._writer is None:
-            self._path = posixpath.join(self._folder,
-                                        f"{self._prefix}-{uuid.uuid4().hex[:12]}.parquet")
-            self._handle = fsspec.open(self._path, "wb").open()
-            self._writer = pq.ParquetWriter(self._handle, self._schema,
-                                            compression=COMPRESSION)
-        self._writer.write_table(to_table(self._buffer, self._schema))
-        self._rows += len(self._buffer)
-        self._buffer = []
-
-    def _close(self) -> None:
-        if self._writer is None:
-            return
-        self._writer.close()
-        self._handle.close()
-        self._finished.append((self._path, self._rows))
-        self._writer = self._handle = self._path = None
-        self._rows = 0
+    def _write_part(self) -> tuple[str, int]:
+        rows, self._buffer = self._buffer, []
+        path = posixpath.join(self._folder, f"{self._prefix}-{uuid.uuid4().hex[:16]}.parquet")
+        write_table_atomically(path, to_table(rows, self._schema))
+        return path, len(rows)
 
 
 class WriteParquet(beam.PTransform):
-    """Rows → Parquet files `<prefix>-*.parquet` in `folder`; outputs (path, rows).
+    """Rows → Parquet parts `parts/<prefix>-*.parquet` in `folder`; outputs (path, rows).
 
     The input may also be a tuple of PCollections: each is written where it
     is produced, and only the (path, rows) outputs are flattened. Prefer that
@@ -144,17 +151,21 @@ class WriteParquet(beam.PTransform):
     the size of the export), and writes only after the last inference.
     """
 
-    def __init__(self, folder: str, prefix: str, schema: pa.Schema):
+    def __init__(self, folder: str, prefix: str, schema: pa.Schema,
+                 rows_per_part: int = ROWS_PER_PART,
+                 seconds_per_part: float = SECONDS_PER_PART):
         super().__init__()
         self._folder = folder
         self._prefix = prefix
         self._schema = schema
+        self._every = (rows_per_part, seconds_per_part)
 
     def expand(self, rows):
         if isinstance(rows, beam.PCollection):
-            return rows | beam.ParDo(_WriteFiles(self._folder, self._prefix, self._schema))
+            return rows | beam.ParDo(_WriteParts(self._folder, self._prefix, self._schema,
+                                                 *self._every))
         written = [pcoll | f"Write{i}" >> beam.ParDo(
-                       _WriteFiles(self._folder, self._prefix, self._schema))
+                       _WriteParts(self._folder, self._prefix, self._schema, *self._every))
                    for i, pcoll in enumerate(rows)]
         return written | "Written" >> beam.Flatten()
 

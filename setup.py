@@ -4,7 +4,7 @@ Also what Dataflow workers install with `--setup_file ./setup.py`.
 """
 import setuptools
 
-# Versions resolved and tested together on Python 3.11 (see README).
+# Versions resolved and tested together on Python 3.11, 3.12 and 3.13 (see README).
 REQUIRED = [
     "apache-beam[gcp]==2.77.0",
     "tensorflow-cpu==2.21.0",
@@ -14,6 +14,12 @@ REQUIRED = [
     "numpy==2.4.6",
     "protobuf==6.33.6",
     "Pillow==12.3.0",
+    # tensorflow-hub 0.16.1 imports pkg_resources when it is imported, and a venv of
+    # Python 3.12 or later no longer comes with setuptools. pkg_resources is gone from
+    # setuptools 82 (81 says to pin below 81); 80.8.0 is the last release whose
+    # pkg_resources warns with a DeprecationWarning (hidden by default) rather than a
+    # UserWarning printed by every process that imports tensorflow_hub.
+    "setuptools==80.8.0",
 ]
 
 TESTS = [
@@ -25,9 +31,14 @@ setuptools.setup(
     name="gbif-embed",
     version="0.1.0",
     description="Image embeddings for GBIF occurrence downloads, with Apache Beam",
-    python_requires=">=3.11,<3.12",
+    python_requires=">=3.11,<3.14",
     packages=["pipeline", "transforms"],
     install_requires=REQUIRED,
     extras_require={"test": TESTS},
+    classifiers=[
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Programming Language :: Python :: 3.13",
+    ],
     entry_points={"console_scripts": ["gbif-embed = pipeline.cli:main"]},
 )

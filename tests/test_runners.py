@@ -140,7 +140,7 @@ def test_sdist_installs_into_a_clean_venv(tmp_path):
     dist = tmp_path / "dist"
     subprocess.run([sys.executable, "setup.py", "sdist", "--dist-dir", str(dist)],
                    cwd=str(ROOT), check=True, capture_output=True, timeout=300)
-    (sdist,) = dist.glob("gbif-embed-*.tar.gz") or dist.glob("gbif_embed-*.tar.gz")
+    (sdist,) = [*dist.glob("gbif-embed-*.tar.gz"), *dist.glob("gbif_embed-*.tar.gz")]
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q",

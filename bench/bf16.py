@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
 from bench.common import log  # noqa: E402
+from pipeline.machine import describe_cpu  # noqa: E402
 
 PRECISIONS = ("float32", "bfloat16")
 
@@ -148,6 +149,7 @@ def main() -> None:
     parser.add_argument("--child", choices=PRECISIONS, help=argparse.SUPPRESS)
     parser.add_argument("--kernels", choices=PRECISIONS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    print(f"cpu                 {describe_cpu()}")
     if args.child:
         return child(args.child, args.model, args.batch_size)
     if args.kernels:

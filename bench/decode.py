@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
 from bench import common  # noqa: E402
+from pipeline.machine import describe_cpu  # noqa: E402
 from transforms.decode import SIZE, _to_rgb, decode_image  # noqa: E402
 
 
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--photo", default=common.BIG_PHOTO)
     args = parser.parse_args()
+    print(f"cpu                 {describe_cpu()}")
     path = os.path.join(common.FUNGI_IMAGES, args.photo)
     if not os.path.exists(path):
         sys.exit(f"needs {path} (real photos read in place from ../shared)")

@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import common  # noqa: E402
 from bench.common import log  # noqa: E402
+from pipeline.machine import describe_cpu  # noqa: E402
 
 
 def _pictures(folder: str, count: int, size: tuple[int, int]) -> list[str]:
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("--beam_arg", action="append", default=[],
                         help="extra pipeline flag, e.g. --beam_arg=--decode_threads=1")
     args = parser.parse_args()
+    print(f"cpu                 {describe_cpu()}")
     size = tuple(int(v) for v in args.size.split("x"))
     model_dir = common.model("tiny")
     work = tempfile.mkdtemp(prefix="bench-memory-")

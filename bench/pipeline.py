@@ -49,6 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import common  # noqa: E402
 from bench.common import log  # noqa: E402
+from pipeline.machine import describe_cpu  # noqa: E402
 
 
 def _files(folder: str, synthetic: int) -> list[str]:
@@ -97,6 +98,7 @@ def main() -> None:
     parser.add_argument("--beam_arg", action="append", default=[],
                         help="extra pipeline flag, e.g. --beam_arg=--decode_threads=1")
     args = parser.parse_args()
+    print(f"cpu                 {describe_cpu()}")
 
     model_dir = common.model(args.arch)
     work = tempfile.mkdtemp(prefix="bench-pipeline-")

@@ -23,6 +23,7 @@ from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 
 from pipeline.cli import run  # noqa: E402
 from pipeline.demo import serve_folder  # noqa: E402
+from pipeline.machine import describe_cpu  # noqa: E402
 from pipeline.make_model import build_model  # noqa: E402
 from pipeline.sample_data import make_sample  # noqa: E402
 
@@ -44,6 +45,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--arch", default="inception_v4", choices=("inception_v4", "tiny"))
     args = parser.parse_args()
+    print(f"cpu                 {describe_cpu()}")
     with tempfile.TemporaryDirectory() as tmp:
         model = os.path.join(tmp, "model")
         build_model(model, args.arch)

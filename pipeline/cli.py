@@ -1,4 +1,4 @@
-"""The `gbif-embed` command: run, evaluate, query, make-model, demo.
+"""The `gbif-embed` command: run, plan, evaluate, query, make-model, demo.
 
 `run` checks the export and the model at launch, before anything is
 fetched, so a wrong path or a model that does not fit fails in seconds with
@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import time
 from typing import Iterator, Optional, Sequence
 
 import apache_beam as beam
@@ -26,8 +27,10 @@ from apache_beam.options.pipeline_options import (
     TestOptions,
 )
 
+from pipeline.interrupt import RunStopped, stop, stoppable
 from pipeline.options import GbifEmbedOptions
 from transforms.read_export import Archive, ExportError, read_identity, read_spec
+from transforms.resume import RUN, resumable_runs
 from transforms.snapshot import (
     join,
     new_snapshot_name,
@@ -45,11 +48,13 @@ class UsageError(ValueError):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"run": run_command, "evaluate": evaluate_command, "query": query_command,
-                "make-model": make_model_command, "demo": demo_command}
+    commands = {"run": run_command, "plan": plan_command, "evaluate": evaluate_command,
+                "query": query_command, "make-model": make_model_command,
+                "demo": demo_command}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: gbif-embed {run,evaluate,query,make-model,demo} [options]\n\n"
+        print("usage: gbif-embed {run,plan,evaluate,query,make-model,demo} [options]\n\n"
               "  run         embed the images of a GBIF DwC-A download into Parquet\n"
+              "  plan        how long a run will take: hosts, politeness bounds, compute\n"
               "  evaluate    Recall@1/5/10 of image retrieval over the current snapshot\n"
               "  query       the nearest stored images to a picture or an occurrence\n"
               "  make-model  write a stand-in of the fungi_V2 embedder (TF1 Hub format)\n"
@@ -65,14 +70,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
 
 
+# Warnings Beam workers send on every run that say nothing about this run: the
+# first repeats per batch when torch is not installed; the others come with
+# every local worker process (our options, which Beam's own parser does not
+# know; no staging folder on a local machine).
+_NOISE = ("Resource module is not available", "Discarding unparseable args",
+          "No semi_persistent_directory found")
+
+
+def _not_noise(record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not any(noise in message for noise in _NOISE)
+
+
 def _quiet_libraries() -> None:
     """Keep the terminal for our own output: TensorFlow's C++ start-up lines
-    (including a harmless cuInit error on machines without a GPU) and a Beam
-    warning that repeats per batch when torch is not installed."""
+    (including a harmless cuInit error on machines without a GPU) and Beam's
+    routine worker warnings (`_NOISE`). The filter sits on the handlers, since
+    a logger's own filter does not see records its children pass up, and local
+    workers' logs reach the launcher through a child logger of Beam's."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger().addFilter(
-        lambda record: "Resource module is not available" not in record.getMessage())
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_not_noise)
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
@@ -89,6 +109,11 @@ def make_model_command(argv: Sequence[str]) -> int:
     build_model(args.out, args.arch, args.embedding_dim, args.seed)
     print(f"wrote the {args.arch} stand-in embedder to {args.out}")
     return 0
+
+
+def plan_command(argv: Sequence[str]) -> int:
+    from pipeline.plan import plan_command as plan
+    return plan(argv)
 
 
 def demo_command(argv: Sequence[str]) -> int:
@@ -165,33 +190,45 @@ def run_command(argv: Sequence[str]) -> int:
         parser.print_help()
         return 0
     options = PipelineOptions(list(argv))
-    result = run(options)
+    try:
+        result = run(options, argv)
+    except RunStopped as stopped:
+        print(f"gbif-embed run: {stopped.message}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(stopped.exit_code)  # no waiting for fetch threads stuck on a slow host
     return 0 if result.get("counts") is not None else 1
 
 
-def run(options: PipelineOptions) -> dict:
-    """Checks inputs, runs the pipeline to the end, prints and returns the manifest."""
+def run(options: PipelineOptions, argv: Optional[Sequence[str]] = None) -> dict:
+    """Checks inputs, runs the pipeline to the end, prints and returns the manifest.
+
+    A local run stopped by Ctrl-C or SIGTERM raises `RunStopped`, which says
+    what was kept and how to resume (`argv`: the command's arguments)."""
     from pipeline import graph
+    from pipeline.sdk_image import check_sdk_image
     from transforms.embed import (check_contract, cpu_supports_bfloat16, fingerprint,
                                   forget_models, localize)
     opts = options.view_as(GbifEmbedOptions)
     for flag in ("export", "model", "output"):
         if not getattr(opts, flag):
             raise UsageError(f"--{flag} is required")
+    check_sdk_image(options)  # workers' image built for the launcher's Python minor version
     if opts.precision == "bfloat16" and not cpu_supports_bfloat16():
         raise UsageError("--precision bfloat16 needs a CPU with AVX512-BF16 or AMX "
                          "(/proc/cpuinfo lists neither avx512_bf16 nor amx_bf16); "
                          "use --precision float32")
     with Archive(opts.export) as archive:
         identity = read_identity(archive, read_spec(archive))
-    check_contract(opts.model, opts.embedding_dim)
     model_fingerprint = fingerprint(localize(opts.model))
+    previous = read_latest(opts.output)
+    if not _checked_before(opts, previous, model_fingerprint):
+        check_contract(opts.model, opts.embedding_dim)
     runner = _runner(options)
     if runner is None:  # remote workers load their own copy from --model
         forget_models()
-    previous = read_latest(opts.output)
     snapshot = new_snapshot_name()
     mode = "full" if opts.full else ("refresh" if previous else "first run")
+    resumed = resumable_runs(opts.output, model_fingerprint, opts.full)
     manifest = {
         "snapshot": snapshot,
         "previous_snapshot": previous,
@@ -201,25 +238,91 @@ def run(options: PipelineOptions) -> dict:
         "model": {"uri": opts.model, "fingerprint": model_fingerprint,
                   "embedding_dim": opts.embedding_dim},
         "options": {k: v for k, v in options.get_all_options(drop_default=True).items()},
+        "resumed_from": resumed,
     }
+    write_atomically(join(opts.output, snapshot, RUN), json.dumps({
+        "snapshot": snapshot, "launched_at": manifest["launched_at"],
+        "model_fingerprint": model_fingerprint, "full": bool(opts.full),
+        "export": identity}, indent=2, default=str))
     pipeline = beam.Pipeline(runner=runner, options=options)
     graph.build(pipeline, opts, snapshot=snapshot, manifest=manifest,
                 model_fingerprint=model_fingerprint,
                 inference_threads=_inference_threads(options),
-                previous_folder=join(opts.output, previous) if mode == "refresh" else None)
-    with _live_progress(options):
-        job = pipeline.run()
-        job.wait_until_finish()
+                previous_folder=join(opts.output, previous) if mode == "refresh" else None,
+                resume_folders=[join(opts.output, name) for name in resumed])
+    submitted = time.monotonic()
+    with stoppable(runner is not None) as signals:
+        try:
+            with _live_progress(options):
+                job = pipeline.run()
+                job.wait_until_finish()
+        except BaseException:
+            if signals.received is None:
+                raise
+            raise stop(signals.received, join(opts.output, snapshot), argv) from None
     if options.view_as(TestOptions).dry_run:
         return _dry_run(pipeline, opts.quiet)
+    finished = time.monotonic()
     result = read_manifest(opts.output, snapshot)
     result["metrics"] = beam_metrics(job)
+    report = _write_report(opts.output, snapshot)
+    result["metrics"]["phases"] = result["timings"]["phases"] = _phases(
+        result, submitted, finished)
     write_atomically(join(opts.output, snapshot, "metrics.json"),
                      json.dumps(result["metrics"], indent=2))
-    report = _write_report(opts.output, snapshot)
     if not opts.quiet:
         print_summary(result, opts.output, report)
     return result
+
+
+def _seconds_since_process_start() -> float:
+    try:
+        with open("/proc/self/stat") as handle:
+            ticks = int(handle.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as handle:
+            uptime = float(handle.read().split()[0])
+        return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+_PROCESS_STARTED = time.monotonic() - _seconds_since_process_start()
+
+
+def _phases(manifest: dict, submitted: float, finished: float) -> dict:
+    """Where a run's time went: the launcher's phases (wall seconds), and the
+    busy seconds of the pipeline's stages (summed over processes; they overlap)."""
+    metrics = manifest.get("metrics") or {}
+    distributions = metrics.get("distributions") or {}
+    tally = manifest.get("tally") or {}
+
+    def total_ms(name: str) -> float:
+        return (distributions.get(name) or {}).get("sum", 0) / 1000.0
+
+    return {"start_s": round(submitted - _PROCESS_STARTED, 2),
+            "pipeline_s": round(finished - submitted, 2),
+            "publish_s": (manifest.get("timings") or {}).get("publish_s"),
+            "report_s": round(time.monotonic() - finished, 2),
+            "busy_reading_s": round(tally.get("time.read_s", 0), 2),
+            "busy_fetching_s": round(tally.get("time.fetch_s", 0), 2),
+            "busy_embedding_s": round(
+                total_ms("embed/inference_batch_latency_micro_secs") / 1000.0, 2),
+            "busy_writing_s": round(total_ms("write/part_ms"), 2)}
+
+
+def _checked_before(opts: GbifEmbedOptions, previous: Optional[str], model_fingerprint: str
+                    ) -> bool:
+    """Whether the previous snapshot was made with these very model files and
+    width: they passed the contract check then, and loading TensorFlow and the
+    model only to check them again would be most of a small refresh's time."""
+    if previous is None:
+        return False
+    try:
+        model = read_manifest(opts.output, previous).get("model") or {}
+    except (OSError, ValueError):
+        return False
+    return (model.get("fingerprint") == model_fingerprint
+            and model.get("embedding_dim") == opts.embedding_dim)
 
 
 def beam_metrics(job) -> dict:
@@ -350,7 +453,21 @@ def format_summary(manifest: dict, output: str, report: Optional[str] = None) ->
                      f"{counts['reused']} reused, {counts['new']} new, "
                      f"{counts['reembedded']} re-embedded, {counts['removed']} removed, "
                      f"{counts['retried_failures']} earlier failures retried")
+    if counts.get("rows_sharing_a_fetch") or counts.get("contents_reused"):
+        lines.append(f"shared     {counts['distinct_urls_fetched']:,} distinct URLs fetched for "
+                     f"{counts['rows_sharing_a_fetch'] + counts['distinct_urls_fetched']:,} "
+                     f"rows; {counts['contents_reused']:,} images took the embedding of the "
+                     f"same content; {counts['inferences']:,} inferences")
     lines.append(_throughput(manifest))
+    phases = (manifest.get("timings") or {}).get("phases")
+    if phases:
+        lines.append(f"time       start {phases['start_s']:.1f} s, pipeline "
+                     f"{phases['pipeline_s']:.1f} s (publishing {phases['publish_s'] or 0:.1f} s), "
+                     f"report {phases['report_s']:.1f} s; busy: reading "
+                     f"{phases['busy_reading_s']:.1f} s, fetching "
+                     f"{phases['busy_fetching_s']:.1f} s, embedding "
+                     f"{phases['busy_embedding_s']:.1f} s, writing "
+                     f"{phases['busy_writing_s']:.1f} s (summed over processes, overlapping)")
     lines += ["", "files"]
     for prefix in ("embeddings", "failures"):
         listed = (manifest.get("files") or {}).get(prefix) or []
@@ -365,9 +482,16 @@ def format_summary(manifest: dict, output: str, report: Optional[str] = None) ->
 
 def _throughput(manifest: dict) -> str:
     timings, fetch = manifest["timings"], manifest.get("fetch") or {}
+    counts = manifest["counts"]
     seconds = timings["seconds"] or 0
     megabytes = fetch.get("fetch.bytes", 0) / 1e6
-    line = (f"throughput {seconds:.1f} s, {timings['images_per_second'] or 0:.2f} images/s")
+    taken = counts.get("reused", 0) + counts.get("resumed", 0)
+    if not timings["images_per_second"] and taken:
+        line = (f"throughput {seconds:.1f} s: nothing to fetch or embed; {taken:,} rows "
+                f"taken as they were ({taken / seconds if seconds else 0:,.0f} rows/s)")
+    else:
+        line = (f"throughput {seconds:.1f} s, {timings['images_per_second'] or 0:.2f} "
+                f"images/s")
     if fetch.get("fetch.requests"):
         line += (f"; {fetch.get('fetch.ok', 0):,} fetched, {megabytes:,.1f} MB"
                  f"{f' ({megabytes / seconds:,.2f} MB/s)' if seconds else ''}, "

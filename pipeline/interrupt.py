@@ -1,10 +1,10 @@
 """Stopping a local run on Ctrl-C or SIGTERM: quickly, keeping what is finished.
 
-Finished rows are already safe in the run's `parts/` (writers close a part at
-least every minute), so stopping needs no cooperation from the pipeline: the
-signal interrupts the launcher, which ends the local worker processes it
-started (a SIGTERM reaches only the launcher; Ctrl-C reaches the whole
-process group), counts the rows its parts hold, and says how to resume.
+Finished rows are already safe in the run's `parts/` (writers close a part
+at least every `--checkpoint_seconds`), so stopping needs no cooperation from
+the pipeline: the signal interrupts the launcher, which ends the local worker
+processes it started (a SIGTERM reaches only the launcher; Ctrl-C reaches the
+whole process group), counts the rows its parts hold, and says how to resume.
 Nothing is published, so LATEST still names the previous snapshot.
 """
 from __future__ import annotations

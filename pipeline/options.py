@@ -78,10 +78,10 @@ class GbifEmbedOptions(PipelineOptions):
         add("--keep_snapshots", type=int, default=0,
             help="Keep this many snapshots, pruning older ones (0: keep all)")
         # Keeping finished work.
-        add("--checkpoint_rows", type=int, default=1000,
+        add("--checkpoint_rows", type=int, default=500,
             help="A writer makes its rows durable (closes a part file) at least every "
             "this many rows ...")
-        add("--checkpoint_seconds", type=float, default=60.0,
+        add("--checkpoint_seconds", type=float, default=5.0,
             help="... or every this many seconds, so a run killed at any moment loses "
             "at most that much; running the same command again resumes")
         # Resource hints for the inference step.

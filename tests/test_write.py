@@ -72,3 +72,21 @@ def test_latest_is_replaced_atomically(tmp_path):
     assert open(path).read() == "b\n"
     assert [p.name for p in tmp_path.iterdir()] == [LATEST]
     assert json.dumps(read_latest(str(tmp_path))) == '"b"'
+
+
+def test_parts_are_closed_as_rows_come_and_a_writer_merges_its_small_ones(tmp_path,
+                                                                          monkeypatch):
+    """Durable progress: a part every `rows_per_part` rows (nothing waits for the
+    bundle's end), and every MERGE_PARTS parts one merged part instead."""
+    import os
+
+    import transforms.write as write
+    monkeypatch.setattr(write, "MERGE_PARTS", 4)
+    folder = str(tmp_path / "snap")
+    with beam.Pipeline(runner="BundleBasedDirectRunner") as p:
+        _ = (p | beam.Create([_row(i) for i in range(10)])
+             | WriteParquet(folder, "embeddings", embedding_schema(), rows_per_part=1))
+    parts = sorted(os.listdir(write.parts_folder(folder)))
+    assert len(parts) == 10 - 8 + 2  # two merges of four parts, two parts left
+    table = pq.read_table([os.path.join(write.parts_folder(folder), p) for p in parts])
+    assert sorted(table.column("gbifID").to_pylist()) == list(range(10))

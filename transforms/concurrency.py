@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import time
 from typing import Any, Iterable, Iterator
 
 import apache_beam as beam
@@ -23,6 +24,8 @@ from apache_beam.pvalue import TaggedOutput
 from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.tally import Tally, tally_outputs
+
+HOLD_S = 1.0  # finished work is never held back longer than this
 
 
 class ThreadedDoFn(beam.DoFn):
@@ -64,8 +67,8 @@ class ThreadedDoFn(beam.DoFn):
 
     def process(self, element, window=beam.DoFn.WindowParam,
                 timestamp=beam.DoFn.TimestampParam):
-        self._pending.append(
-            (self._pool.submit(lambda: list(self.work(element))), window, timestamp))
+        self._pending.append((self._pool.submit(lambda: list(self.work(element))), window,
+                              timestamp, time.monotonic()))
         yield from self._drain(self._lookahead, self._max_in_flight - 1)
 
     def finish_bundle(self):
@@ -78,20 +81,26 @@ class ThreadedDoFn(beam.DoFn):
             self._pool = None
 
     def _drain(self, lookahead: int, keep: int) -> Iterator[Any]:
-        """Emit finished work while more than `lookahead` elements are pending;
-        block until at most `keep` (>= lookahead) are."""
-        while len(self._pending) > lookahead:
+        """Emit finished work while more than `lookahead` elements are pending,
+        and work finished `HOLD_S` ago whatever the lookahead (when input
+        trickles in, holding it back saves nothing and delays writing it);
+        block until at most `keep` (>= lookahead) are pending."""
+        while self._pending:
+            now = time.monotonic()
             done = [entry for entry in self._pending if entry[0].done()]
-            if not done:
-                if len(self._pending) <= keep:
+            over = len(self._pending) - lookahead
+            chosen = [entry for i, entry in enumerate(done)
+                      if i < over or now - entry[3] >= HOLD_S]
+            if not chosen:
+                if over <= 0 or done or len(self._pending) <= keep:
                     return
                 concurrent.futures.wait(
                     [entry[0] for entry in self._pending],
                     return_when=concurrent.futures.FIRST_COMPLETED)
                 continue
-            for entry in done[:len(self._pending) - lookahead]:
+            for entry in chosen:
                 self._pending.remove(entry)
-                future, window, timestamp = entry
+                future, window, timestamp, _ = entry
                 for output in future.result():
                     yield _windowed(output, window, timestamp)
 

@@ -254,7 +254,24 @@ def _stacked(batch: Sequence[np.ndarray]) -> np.ndarray:
     return stacked
 
 
-class HubImageEmbedder(ModelHandler[np.ndarray, np.ndarray, LoadedModel]):
+class _OnFirstBatch:
+    """The process's model, loaded (once, thread-safely) when first needed."""
+
+    def __init__(self, model_uri: str, threads: int, precision: str):
+        self._args = (model_uri, threads, precision)
+        self._lock = threading.Lock()
+        self._model: Optional[LoadedModel] = None
+
+    def loaded(self) -> LoadedModel:
+        with self._lock:
+            if self._model is None:
+                model_uri, threads, precision = self._args
+                configure_tensorflow(threads, precision)
+                self._model = load(model_uri)
+            return self._model
+
+
+class HubImageEmbedder(ModelHandler[np.ndarray, np.ndarray, "_OnFirstBatch"]):
     """uint8 299×299×3 images → float32 embeddings, in fixed-size batches."""
 
     def __init__(self, model_uri: str, batch_size: int = 16, threads: int = 0,
@@ -265,14 +282,16 @@ class HubImageEmbedder(ModelHandler[np.ndarray, np.ndarray, LoadedModel]):
         self._precision = precision
         self._resource_hints = {k: v for k, v in (resource_hints or {}).items() if v}
 
-    def load_model(self) -> LoadedModel:
-        configure_tensorflow(self._threads, self._precision)
-        return load(self._model_uri)
+    def load_model(self) -> "_OnFirstBatch":
+        # RunInference loads its model when the step starts, even with nothing
+        # to embed (a refresh where nothing changed): TensorFlow and the model
+        # are loaded on the first batch instead.
+        return _OnFirstBatch(self._model_uri, self._threads, self._precision)
 
-    def run_inference(self, batch: Sequence[np.ndarray], model: LoadedModel,
+    def run_inference(self, batch: Sequence[np.ndarray], model: "_OnFirstBatch",
                       inference_args: Optional[dict] = None) -> Iterable[np.ndarray]:
         # Bare vectors: a PredictionResult would keep the 268 kB input image alive.
-        return list(model.embed(_stacked(batch)).numpy())
+        return list(model.loaded().embed(_stacked(batch)).numpy())
 
     def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
         return sum(image.nbytes for image in batch)

@@ -16,13 +16,14 @@ at once, each host from its own queue, so hosts never wait for each other.
 When a runner retries a bundle (a worker died, a bundle failed), the rows
 that the failed attempt already wrote are in the run's parts: the new
 attempt reads their keys once and fetches only the rest, so the fetching
-redone is what the failed attempt had not yet written (at most about a
-minute or 1,000 rows per writer, see transforms/write.py).
+redone is what the failed attempt had not yet written (at most about
+`--checkpoint_seconds` or `--checkpoint_rows` per writer, see transforms/write.py).
 """
 from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from typing import Any, Iterable, Optional
 
 import apache_beam as beam
@@ -123,6 +124,7 @@ class FetchHostShards(beam.DoFn):
     def start_bundle(self):
         self._granted: list[tuple[str, Budget]] = []
         self._written: Optional[set] = None
+        self._busy_since: Optional[float] = None  # the first URL of this bundle
 
     def _already_written(self) -> set:
         """Keys this run already wrote (parts of earlier attempts); read once a bundle."""
@@ -152,13 +154,15 @@ class FetchHostShards(beam.DoFn):
             budget = shard_budgets(*self.config.host_limits(host))[shard]
             self._politeness.grant(host, budget)
             self._granted.append((host, budget))
+        if by_url and self._busy_since is None:
+            self._busy_since = time.monotonic()
         for url, rows in by_url.items():
             self.tally.add("fetch.distinct_urls")
             if len(rows) > 1:
                 self.tally.add("dedup.rows_sharing_a_fetch", len(rows) - 1)
             etag, last_modified = _conditional(rows)
             self._scheduler.submit(Job(host, url, etag, last_modified,
-                                       payload=(rows, window, timestamp)))
+                                       payload=(rows, window, timestamp), group=shard))
         yield from self._emit(block=False)
         while self._scheduler.pending() > MAX_QUEUED:
             yield from self._emit(block=True)
@@ -170,6 +174,8 @@ class FetchHostShards(beam.DoFn):
         for host, budget in self._granted:
             self._politeness.revoke(host, budget)
         self._granted = []
+        if self._busy_since is not None:
+            self.tally.add("time.fetch_s", time.monotonic() - self._busy_since)
         self._metrics.flush()
         yield from tally_outputs(self.tally)
 

@@ -31,7 +31,37 @@ class Job:
     etag: Optional[str] = None
     last_modified: Optional[str] = None
     payload: Any = None
+    group: Any = None  # jobs of one host are taken from its groups in turn
     id: int = field(default_factory=itertools.count().__next__)
+
+
+class _HostQueue:
+    """One host's waiting jobs, taken from its groups (shards) in turn, so that
+    its shards advance together: what is left when a run dies, or when a
+    shard's group ends, is spread over all of them."""
+
+    def __init__(self):
+        self._groups: collections.OrderedDict = collections.OrderedDict()
+
+    def __bool__(self) -> bool:
+        return bool(self._groups)
+
+    def append(self, job: Job) -> None:
+        self._groups.setdefault(job.group, collections.deque()).append(job)
+
+    def popleft(self) -> Job:
+        group, jobs = next(iter(self._groups.items()))
+        job = jobs.popleft()
+        if jobs:
+            self._groups.move_to_end(group)
+        else:
+            del self._groups[group]
+        return job
+
+
+# Below this spacing between a host's requests a fetch thread may as well
+# wait for its turn itself: the dispatcher need not hold the next one back.
+SPACING_WORTH_WAITING_S = 0.005
 
 
 class HostScheduler:
@@ -51,7 +81,7 @@ class HostScheduler:
         self._pool = concurrent.futures.ThreadPoolExecutor(self._threads,
                                                            thread_name_prefix="fetch")
         self._cond = threading.Condition()
-        self._queues: dict[str, collections.deque] = {}
+        self._queues: dict[str, _HostQueue] = {}
         self._running: collections.Counter = collections.Counter()
         self._awaiting: dict[str, int] = {}  # host -> id of the job waiting for its turn
         self._total_running = 0
@@ -64,7 +94,7 @@ class HostScheduler:
 
     def submit(self, job: Job) -> None:
         with self._cond:
-            self._queues.setdefault(job.host, collections.deque()).append(job)
+            self._queues.setdefault(job.host, _HostQueue()).append(job)
             self._queued += 1
             self._cond.notify_all()
 
@@ -116,8 +146,10 @@ class HostScheduler:
         for host in hosts[offset:] + hosts[:offset]:
             if self._total_running >= self._threads:
                 break
-            if host in self._awaiting or \
-                    self._running[host] >= self._politeness.capacity(host):
+            if self._running[host] >= self._politeness.capacity(host):
+                continue
+            if host in self._awaiting and \
+                    self._politeness.interval(host) > SPACING_WORTH_WAITING_S:
                 continue
             wait = self._politeness.wait_before_send(host)
             if wait > 0:

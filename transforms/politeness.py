@@ -221,6 +221,11 @@ class Politeness:
         with self._lock:
             return self._host_locked(host).concurrency
 
+    def interval(self, host: str) -> float:
+        """Seconds between two requests to `host` at its current rate (0: no limit)."""
+        with self._lock:
+            return self._host_locked(host).interval()
+
     def wait_before_send(self, host: str) -> float:
         """Seconds until a request to `host` could be sent (0: now)."""
         with self._lock:

@@ -16,6 +16,7 @@ import dataclasses
 import io
 import posixpath
 import re
+import time
 import xml.etree.ElementTree as ET
 import zipfile
 from typing import IO, Iterator, Optional
@@ -266,6 +267,62 @@ def _field(row: list[str], index: Optional[int]) -> Optional[str]:
     return row[index].strip() or None
 
 
+def image_rows(archive: Archive, table: TableSpec, tally: Tally,
+               max_images: int = 0) -> Iterator[tuple[int, dict]]:
+    """(gbifID, media fields and `identifier`) for each image row of `table`;
+    what is skipped is counted in `tally` by reason.
+
+    A plain generator, not a Beam step, so that `gbif-embed plan` counts
+    exactly the rows the run reads, without a pipeline around it.
+    """
+    is_multimedia = table.row_type in MULTIMEDIA_ROW_TYPES
+    id_index = table.id_index
+    url_index = table.index("identifier" if is_multimedia else "associatedMedia")
+    type_index, format_index = table.index("type"), table.index("format")
+    extra = {name: table.index(name) for name in MEDIA_FIELDS}
+    width = table.width
+    emitted = 0
+    with archive.open(table.location) as stream:
+        for row in iter_rows(stream, table):
+            key = parse_gbif_id(row[id_index]) if id_index < len(row) else None
+            url = _field(row, url_index)
+            # A media row is one candidate image; an occurrence's associatedMedia
+            # holds as many as it lists, and none when it is empty.
+            urls = [url] if is_multimedia else [
+                one for one in ASSOCIATED_MEDIA_SPLIT.split(url or "") if one]
+            if not urls:
+                continue
+            tally.add("export.rows", len(urls))
+            if len(row) != width and not (key is not None and url and "://" in url):
+                tally.add("skipped.ragged_row", len(urls))
+                continue
+            if len(row) != width:
+                tally.add("export.ragged_rows_read")
+            if key is None:
+                tally.add("skipped.bad_gbif_id", len(urls))
+                continue
+            if is_multimedia:
+                kind = (_field(row, type_index) or "").strip()
+                if kind and kind != "StillImage":
+                    tally.add("skipped.not_still_image")
+                    continue
+                if NOT_IMAGE_FORMAT.match(_field(row, format_index) or ""):
+                    tally.add("skipped.declared_format_not_image")
+                    continue
+            fields = {name: _field(row, idx) for name, idx in extra.items()}
+            for one in urls:
+                if not one:
+                    tally.add("skipped.empty_identifier")
+                    continue
+                if max_images and emitted >= max_images:
+                    tally.add("skipped.beyond_max_images")
+                    continue
+                emitted += 1
+                tally.add("export.image_rows")
+                progress.report("images")
+                yield key, dict(fields, identifier=one)
+
+
 class ReadArchive(beam.DoFn):
     """Streams one export into keyed image rows and occurrence rows.
 
@@ -278,6 +335,7 @@ class ReadArchive(beam.DoFn):
 
     def process(self, path: str):
         tally = Tally()
+        started = time.monotonic()
         with Archive(path) as archive:
             spec = read_spec(archive)
             source = spec.image_source()
@@ -287,55 +345,11 @@ class ReadArchive(beam.DoFn):
                 yield key, media
             for key, occurrence in self._occurrence_rows(archive, spec.core, with_images, tally):
                 yield TaggedOutput("occurrences", (key, occurrence))
+        tally.add("time.read_s", time.monotonic() - started)
         yield from tally_outputs(tally)
 
     def _image_rows(self, archive: Archive, table: TableSpec, tally: Tally):
-        is_multimedia = table.row_type in MULTIMEDIA_ROW_TYPES
-        id_index = table.id_index
-        url_index = table.index("identifier" if is_multimedia else "associatedMedia")
-        type_index, format_index = table.index("type"), table.index("format")
-        extra = {name: table.index(name) for name in MEDIA_FIELDS}
-        width = table.width
-        emitted = 0
-        with archive.open(table.location) as stream:
-            for row in iter_rows(stream, table):
-                key = parse_gbif_id(row[id_index]) if id_index < len(row) else None
-                url = _field(row, url_index)
-                # A media row is one candidate image; an occurrence's associatedMedia
-                # holds as many as it lists, and none when it is empty.
-                urls = [url] if is_multimedia else [
-                    one for one in ASSOCIATED_MEDIA_SPLIT.split(url or "") if one]
-                if not urls:
-                    continue
-                tally.add("export.rows", len(urls))
-                if len(row) != width and not (key is not None and url and "://" in url):
-                    tally.add("skipped.ragged_row", len(urls))
-                    continue
-                if len(row) != width:
-                    tally.add("export.ragged_rows_read")
-                if key is None:
-                    tally.add("skipped.bad_gbif_id", len(urls))
-                    continue
-                if is_multimedia:
-                    kind = (_field(row, type_index) or "").strip()
-                    if kind and kind != "StillImage":
-                        tally.add("skipped.not_still_image")
-                        continue
-                    if NOT_IMAGE_FORMAT.match(_field(row, format_index) or ""):
-                        tally.add("skipped.declared_format_not_image")
-                        continue
-                fields = {name: _field(row, idx) for name, idx in extra.items()}
-                for one in urls:
-                    if not one:
-                        tally.add("skipped.empty_identifier")
-                        continue
-                    if self._max_images and emitted >= self._max_images:
-                        tally.add("skipped.beyond_max_images")
-                        continue
-                    emitted += 1
-                    tally.add("export.image_rows")
-                    progress.report("images")
-                    yield key, dict(fields, identifier=one)
+        return image_rows(archive, table, tally, self._max_images)
 
     def _occurrence_rows(self, archive: Archive, core: TableSpec, wanted: set[int],
                          tally: Tally):

@@ -14,6 +14,7 @@ import datetime
 import json
 import os
 import posixpath
+import time
 import uuid
 from typing import Optional
 
@@ -117,6 +118,7 @@ class _Publish(beam.DoFn):
         # The side inputs only make this step wait for the writers: the files
         # are what the parts folder holds, retried bundles' parts included.
         folder = join(self._output, self._snapshot)
+        publishing = time.monotonic()
         seen: set = set()
         files = {prefix: compact(folder, prefix, self._schemas[prefix], seen)
                  for prefix in ("embeddings", "failures")}
@@ -142,6 +144,7 @@ class _Publish(beam.DoFn):
                       for prefix, written in files.items()},
             "fetch": {k: v for k, v in tally.items() if k.startswith("fetch.")},
             "timings": {"seconds": round(seconds, 3),
+                        "publish_s": round(time.monotonic() - publishing, 3),
                         "images_per_second": round(processed / seconds, 3) if seconds else None},
             "tally": tally,
         })

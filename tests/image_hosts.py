@@ -4,7 +4,8 @@ what they see: for tests and benchmarks of job-wide politeness.
 Each host is an asyncio server in one separate process (so it never shares
 a GIL with the pipeline under test) and answers every GET after its own
 latency with a small JPEG that is distinct per URL (the path is appended
-after the JPEG's end, which decoders ignore). A host can also answer 429 with
+after the JPEG's end, which decoders ignore), except under `/same-*` paths,
+which all serve the very same bytes (a placeholder picture). A host can also answer 429 with
 `Retry-After` (`throttle`: every request in the first `throttle` seconds
 after its first request, then every 10th), or stall (`stall`: hold each
 response that long). Every request is logged with its arrival and its end
@@ -74,7 +75,8 @@ def _serve(hosts: list[Host], body: bytes, ready, stop, log_path: str) -> None:
                             writer.write(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\n"
                                          b"Content-Length: 0\r\n\r\n")
                         else:
-                            content = body + path
+                            # /same-* paths: one content under many URLs (a placeholder)
+                            content = body if path.startswith(b"/same") else body + path
                             writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\n"
                                          b"Content-Length: %d\r\n\r\n" % len(content) + content)
                         await writer.drain()

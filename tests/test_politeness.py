@@ -88,11 +88,12 @@ def _hosts() -> list[Host]:
 
 def _export(path: str, urls: list[str]) -> tuple[str, int, int]:
     """Rows over the hosts, a quarter of them pointing at 6 shared URLs (as in
-    GBIF data: one photo published twice, placeholders). Returns (export,
-    rows, distinct URLs)."""
+    GBIF data: one photo published twice), and 6 URLs of one content (a
+    placeholder). Returns (export, rows, distinct URLs)."""
     rng = random.Random(7)
     shared = [f"{urls[i % len(urls)]}/shared-{i}.jpg" for i in range(6)]
-    identifiers = []
+    # Six more URLs with one content between them, as a placeholder picture.
+    identifiers = [f"{urls[i % len(urls)]}/same-{i}.jpg" for i in range(6)]
     for i in range(96):
         if rng.random() < 0.25:
             identifiers.append(rng.choice(shared))
@@ -119,6 +120,9 @@ def _check(farm: ImageHosts, manifest: dict, rows: int, distinct: int) -> None:
     assert counts["embedded"] == rows and counts["accounted"] == rows
     assert manifest["tally"]["fetch.distinct_urls"] == distinct
     assert manifest["tally"]["dedup.rows_sharing_a_fetch"] == rows - distinct
+    # Each image was either inferred or took the embedding of its content.
+    assert counts["inferences"] + counts["contents_reused"] == distinct
+    assert counts["contents_reused"] >= 1 and counts["inferences"] <= distinct - 1
 
 
 def _run(export: str, model: str, output: str, *extra: str) -> dict:

@@ -18,7 +18,7 @@ from tests.conftest import LOOPBACK
 from tests.http_server import FaultServer
 from tests.test_refresh import _export, _photo, _rows, _run
 from transforms.compact import compact, part_files
-from transforms.snapshot import MANIFEST, read_latest, read_manifest
+from transforms.snapshot import MANIFEST, read_latest
 from transforms.write import embedding_schema, parts_folder, to_table, write_table_atomically
 
 N = 40

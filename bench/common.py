@@ -68,6 +68,42 @@ with serve_folder(sys.argv[1]) as url:
     sys.stdin.read()   # until the parent closes our stdin
 """
 
+# Serves `folder` with each URL's query appended after the file's bytes (a JPEG's
+# decoder stops at its end marker): every URL is a distinct content, so a
+# benchmark of inference is not shortened by the pipeline's content dedup.
+_DISTINCT_SERVER = r"""
+import functools, http.server, os, sys, threading, urllib.parse
+folder = sys.argv[1]
+
+@functools.lru_cache(maxsize=64)
+def read(name):
+    with open(os.path.join(folder, name), "rb") as handle:
+        return handle.read()
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *args):
+        pass
+    def do_GET(self):
+        parts = urllib.parse.urlsplit(self.path)
+        try:
+            body = read(os.path.basename(urllib.parse.unquote(parts.path))) + parts.query.encode()
+        except OSError:
+            self.send_response(404); self.send_header("Content-Length", "0"); self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+print(f"http://127.0.0.1:{server.server_address[1]}/", flush=True)
+sys.stdin.read()
+server.shutdown()
+"""
+
 
 class Server(str):
     """The base URL of a running image server; `cpu_seconds()` is its CPU so far."""
@@ -84,10 +120,13 @@ class Server(str):
 
 
 @contextlib.contextmanager
-def serve(folder: str) -> Iterator[Server]:
+def serve(folder: str, distinct: bool = False) -> Iterator[Server]:
     """Serves `folder` over HTTP on 127.0.0.1 from a separate process (so the
-    server does not take the GIL of the process measured); yields the base URL."""
-    process = subprocess.Popen([sys.executable, "-c", _SERVER, folder, ROOT],
+    server does not take the GIL of the process measured); yields the base URL.
+    `distinct`: each URL's query is appended to the file's bytes, so that
+    `name?copy=1` and `name?copy=2` are different contents."""
+    process = subprocess.Popen([sys.executable, "-c", _DISTINCT_SERVER if distinct else _SERVER,
+                                folder, ROOT],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         url = process.stdout.readline().strip()

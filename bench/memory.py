@@ -59,7 +59,7 @@ def main() -> None:
         os.makedirs(images)
         names = _pictures(images, args.pictures, size)
         results = {}
-        with common.serve(images) as base_url:
+        with common.serve(images, distinct=True) as base_url:
             for n in (args.small, args.large):
                 urls = [f"{base_url}{names[i % len(names)]}?copy={i}" for i in range(n)]
                 export = common.write_export(os.path.join(work, f"export-{n}.zip"), urls)

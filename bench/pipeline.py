@@ -11,8 +11,10 @@ reference, so machine noise hits both sides alike; each phase also prints
 how many cores other processes of the machine took meanwhile).
 
 The images: the 12 real photographs of ../shared/data/fungi-images (300×300
-to 4288×2848, read in place) served under `--images` distinct URLs, plus
-`--synthetic` synthetic 1600×1200 camera-like JPEGs among the files served.
+to 4288×2848, read in place) served under `--images` distinct URLs, each with
+a few distinct bytes after the picture (so the pipeline's content dedup does
+not skip the model), plus `--synthetic` synthetic 1600×1200 camera-like JPEGs
+among the files served.
 
 What is timed: the wall time of `run()` minus two one-off steps that do not
 depend on the number of images: the launcher's model contract check (it
@@ -106,7 +108,7 @@ def main() -> None:
         images = os.path.join(work, "images")
         os.makedirs(images)
         names = _files(images, args.synthetic)
-        with common.serve(images) as base_url:
+        with common.serve(images, distinct=True) as base_url:
             urls = [f"{base_url}{names[i % len(names)]}?copy={i}" for i in range(args.images)]
             export = common.write_export(os.path.join(work, "export.zip"), urls)
             figure = _measure(args, model_dir, export, os.path.join(work, "out"),

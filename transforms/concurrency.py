@@ -82,15 +82,17 @@ class ThreadedDoFn(beam.DoFn):
 
     def _drain(self, lookahead: int, keep: int) -> Iterator[Any]:
         """Emit finished work while more than `lookahead` elements are pending,
-        and work finished `HOLD_S` ago whatever the lookahead (when input
-        trickles in, holding it back saves nothing and delays writing it);
-        block until at most `keep` (>= lookahead) are pending."""
+        and, while fewer are (input trickles in: holding work back then saves
+        nothing and delays writing it), work submitted `HOLD_S` ago; block
+        until at most `keep` (>= lookahead) are pending."""
         while self._pending:
             now = time.monotonic()
             done = [entry for entry in self._pending if entry[0].done()]
             over = len(self._pending) - lookahead
+            # Held-back work is let go early only while fewer than `lookahead`
+            # are pending: input is trickling in, so nothing is gained by waiting.
             chosen = [entry for i, entry in enumerate(done)
-                      if i < over or now - entry[3] >= HOLD_S]
+                      if i < over or (over < 0 and now - entry[3] >= HOLD_S)]
             if not chosen:
                 if over <= 0 or done or len(self._pending) <= keep:
                     return

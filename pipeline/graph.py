@@ -11,7 +11,7 @@ import apache_beam as beam
 
 from pipeline.options import GbifEmbedOptions, fetch_config
 from transforms.content_dedup import SkipKnownContent
-from transforms.decode import DecodeImages
+from transforms.decode import THUMBNAILS, DecodeImages
 from transforms.embed import Embed, HubImageEmbedder
 from transforms.fetch import FetchImages
 from transforms.read_export import ReadExport
@@ -19,14 +19,15 @@ from transforms.records import FAILURES, NOT_MODIFIED
 from transforms.refresh import CompareWithPrevious, SplitUnchanged
 from transforms.snapshot import PublishSnapshot, join
 from transforms.tally import TALLY, MergeTallies
-from transforms.write import FAILURE_SCHEMA, WriteParquet, embedding_schema
+from transforms.write import FAILURE_SCHEMA, THUMBNAIL_SCHEMA, WriteParquet, embedding_schema
 
 
 def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: dict,
           model_fingerprint: str, inference_threads: int,
           previous_folder: Optional[str] = None, resume_folders: Sequence[str] = ()) -> None:
     folder = join(opts.output, snapshot)
-    schemas = {"embeddings": embedding_schema(opts.embedding_dim), "failures": FAILURE_SCHEMA}
+    schemas = {"embeddings": embedding_schema(opts.embedding_dim), "failures": FAILURE_SCHEMA,
+               "thumbnails": THUMBNAIL_SCHEMA}
     embedder = HubImageEmbedder(
         opts.model, batch_size=opts.batch_size, threads=inference_threads,
         precision=opts.precision,
@@ -44,7 +45,7 @@ def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: 
                | "Decode" >> beam.ParDo(DecodeImages(opts.resize, opts.max_image_pixels,
                                                      opts.decode_threads,
                                                      lookahead=2 * opts.batch_size))
-               .with_outputs(FAILURES, TALLY, main="pixels"))
+               .with_outputs(FAILURES, TALLY, THUMBNAILS, main="pixels"))
     rows, embed_failures, embed_tally = decoded.pixels | "Embed" >> Embed(
         embedder, model_fingerprint, snapshot)
 
@@ -57,11 +58,14 @@ def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: 
         folder, "embeddings", schemas["embeddings"], *every)
     failed = failures | "WriteFailures" >> WriteParquet(folder, "failures", FAILURE_SCHEMA,
                                                         *every)
+    thumbnails = decoded[THUMBNAILS] | "WriteThumbnails" >> WriteParquet(
+        folder, "thumbnails", THUMBNAIL_SCHEMA, *every)
     tally = ((read_tally, compare_tally, fetched[TALLY], split_tally, known_tally,
               decoded[TALLY], embed_tally,
               failures | "CountFailures" >> beam.Map(
                   lambda f: {f"failed.{f['stage']}.{f['reason']}": 1}))
              | "AllTallies" >> beam.Flatten()
              | "MergeTallies" >> beam.CombineGlobally(MergeTallies()))
+    written = (written, thumbnails) | "AllWritten" >> beam.Flatten()
     _ = (written, failed, tally) | "Publish" >> PublishSnapshot(
         opts.output, snapshot, manifest, schemas, opts.keep_snapshots)

@@ -91,8 +91,8 @@ class GbifEmbedOptions(PipelineOptions):
             help="Resource hint for the inference step, e.g. "
             "type:nvidia-tesla-t4;count:1;install-nvidia-driver")
         add("--report_samples", type=int, default=6,
-            help="Images of report.html shown with their nearest neighbours; their "
-            "thumbnails are fetched after the run (0: no thumbnails, no fetches)")
+            help="Images of report.html shown with their nearest neighbours, from "
+            "thumbnails the runs kept while decoding (0: no pictures)")
         add("--quiet", action="store_true", default=False,
             help="No progress display and no summary on the terminal")
 

@@ -6,16 +6,17 @@ glance. Both pages are single self-contained HTML files (styles inline,
 thumbnails as data: URIs), so they can be mailed, stored beside the
 snapshot in a bucket, or opened offline.
 
-Thumbnails are fetched like the pipeline fetches (same Fetcher, address
-guard and fetch options, from the run's manifest); a picture that cannot be
-fetched or decoded is shown as a placeholder that says why, never as a
-broken page. The report is written by the launcher after a run and again by
-`evaluate`, which adds its Recall@k table.
-
-A refresh promises not to fetch pictures it already has, so thumbnails are
-reused from the snapshot's own and the previous snapshot's report (keyed by
-URL and the picture's SHA-256): an unchanged picture is fetched for a report
-once, not after every run.
+The pictures of a run's report are thumbnails the run kept while decoding,
+carried from snapshot to snapshot for images that did not change
+(pipeline/thumbnails.py): a report sends no request to any image host, and
+its sample is drawn from the images that have one. Snapshots of earlier
+versions kept none; for them, and for `query`'s contact sheet, thumbnails
+are fetched like the pipeline fetches (same Fetcher, address guard and fetch
+options, from the run's manifest), reusing those of earlier reports (keyed by
+URL and the picture's SHA-256). A picture that cannot be fetched or decoded
+is shown as a placeholder that says why, never as a broken page. The report
+is written by the launcher after a run and again by `evaluate`, which adds
+its Recall@k table.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from PIL import Image, ImageOps
 
 from pipeline.query import (QueryResult, Snapshot, image_url, iter_blocks, occurrence_link,
                             open_snapshot, rows_at, run_fetch_config, search, vectors_at)
+from pipeline.thumbnails import data_uri, has_store, kept_thumbnails, with_thumbnail
 from transforms.fetch_config import FetchConfig
 from transforms.fetcher import Fetcher
 from transforms.snapshot import join, write_atomically
@@ -151,9 +153,11 @@ def report_thumbnails(rows: Iterable[dict], config: FetchConfig, max_pixels: int
 
 # ---------------------------------------------------------------- the neighbour sample
 
-def sample_rows(snapshot: Snapshot, n: int, seed: int = 0) -> list[int]:
+def sample_rows(snapshot: Snapshot, n: int, seed: int = 0,
+                allowed: Optional[np.ndarray] = None) -> list[int]:
     """Row numbers of n images to show, of different species where possible,
-    preferring species with other occurrences (so there is something to find)."""
+    preferring species with other occurrences (so there is something to find);
+    only rows `allowed` (those with a kept thumbnail), when given."""
     from pipeline.evaluate import eligible_queries, read_labels
     gbif_ids, labels = read_labels(snapshot, "scientificName")
     if not len(labels):
@@ -161,6 +165,10 @@ def sample_rows(snapshot: Snapshot, n: int, seed: int = 0) -> list[int]:
     eligible = np.zeros(len(labels), bool)
     eligible[eligible_queries(gbif_ids, labels)] = True
     order = np.random.default_rng(seed).permutation(len(labels))
+    if allowed is not None:
+        order = order[allowed[order]]
+        if not len(order):
+            return []
     ranked = order[np.argsort(~eligible[order], kind="stable")]  # eligible first, random within
     first_of_each_label = np.sort(np.unique(labels[ranked], return_index=True)[1])
     chosen = [int(r) for r in ranked[first_of_each_label[:n]]]
@@ -173,14 +181,16 @@ def sample_rows(snapshot: Snapshot, n: int, seed: int = 0) -> list[int]:
 
 
 def neighbour_sample(snapshot: Snapshot, queries: int = SAMPLE_QUERIES,
-                     k: int = SAMPLE_NEIGHBOURS, seed: int = 0) -> list[tuple[dict, list[dict]]]:
-    """(query row, its k nearest rows of other occurrences) for a few sampled images."""
-    rows = sample_rows(snapshot, queries, seed)
+                     k: int = SAMPLE_NEIGHBOURS, seed: int = 0,
+                     allowed: Optional[np.ndarray] = None) -> list[tuple[dict, list[dict]]]:
+    """(query row, its k nearest rows of other occurrences) for a few sampled
+    images; queries and neighbours among the rows `allowed`, when given."""
+    rows = sample_rows(snapshot, queries, seed, allowed)
     if not rows:
         return []
     gbif_ids = read_gbif_ids(snapshot, rows)
     found = search(vectors_at(snapshot.files, rows), iter_blocks(snapshot.files), k,
-                   query_ids=gbif_ids)
+                   query_ids=gbif_ids, gallery_mask=allowed)
     wanted = sorted(set(rows) | {int(r) for r in found.rows.ravel() if r >= 0})
     stored = dict(zip(wanted, rows_at(snapshot.files, wanted)))  # one pass for all of them
     sample = []
@@ -464,12 +474,22 @@ def build_report(output: str, snapshot_name: Optional[str] = None) -> str:
     snapshot = open_snapshot(output, snapshot_name)
     config = run_fetch_config(snapshot.manifest)
     queries = (snapshot.manifest.get("options") or {}).get("report_samples", SAMPLE_QUERIES)
-    sample = neighbour_sample(snapshot, queries=queries) if queries > 0 else []
-    rows = [row for query_row, hits in sample for row in (query_row, *hits)]
-    max_pixels = (snapshot.manifest.get("options") or {}).get("max_image_pixels") or 100_000_000
-    previous = snapshot.manifest.get("previous_snapshot")
-    cache = cached_thumbnails([snapshot.folder] + ([join(output, previous)] if previous else []))
-    thumbs = report_thumbnails(rows, config, max_pixels, cache)
+    if has_store(snapshot.manifest):  # pictures the runs kept: no host is asked again
+        kept = kept_thumbnails(snapshot) if queries > 0 else {}
+        allowed = with_thumbnail(snapshot.files, kept) if kept else None
+        sample = neighbour_sample(snapshot, queries=queries, allowed=allowed) if kept else []
+        rows = [row for query_row, hits in sample for row in (query_row, *hits)]
+        thumbs = {thumb_key(row, config): Thumbnail(uri=data_uri(kept[row["image_sha256"]]))
+                  for row in rows}
+    else:  # a snapshot of an earlier version: thumbnails fetched, reusing earlier reports'
+        sample = neighbour_sample(snapshot, queries=queries) if queries > 0 else []
+        rows = [row for query_row, hits in sample for row in (query_row, *hits)]
+        max_pixels = (snapshot.manifest.get("options") or {}).get("max_image_pixels") \
+            or 100_000_000
+        previous = snapshot.manifest.get("previous_snapshot")
+        cache = cached_thumbnails([snapshot.folder] +
+                                  ([join(output, previous)] if previous else []))
+        thumbs = report_thumbnails(rows, config, max_pixels, cache)
     return render_report(snapshot.manifest, read_evaluation(snapshot.folder), snapshot.folder,
                          output, sample, thumbs, config)
 

@@ -217,3 +217,28 @@ def test_refresh_with_output_on_gcs(tmp_path, tiny_model, server, gcs_bucket):
     assert _hits(server, range(3)) == hits
     assert read_latest(output) == second["snapshot"] != first["snapshot"]
     assert sorted(_rows(output)) == [1, 2, 3]
+
+
+def test_a_refresh_and_its_report_ask_no_host_for_an_unchanged_image(tmp_path, tiny_model,
+                                                                     server):
+    """report.html shows thumbnails the runs kept: the refresh's report sends no request
+    for the 9 unchanged images (it carries their thumbnails from the first snapshot),
+    and the 3 new images are fetched once, by the run."""
+    output = str(tmp_path / "out")
+    options = ["--model", tiny_model, "--output", output, "--quiet", "--batch_size", "4",
+               *LOOPBACK]
+    first = run(PipelineOptions(["--export", _export(tmp_path / "a.zip", server, range(9)),
+                                 *options]))
+    hits = _hits(server, range(12))
+    assert all(hits[i] == 1 for i in range(9))  # the report fetched nothing either
+    second = run(PipelineOptions(["--export", _export(tmp_path / "b.zip", server, range(12)),
+                                  *options]))
+    assert second["counts"]["reused"] == 9 and second["counts"]["new"] == 3
+    assert _hits(server, range(12)) == {i: 1 for i in range(12)}
+    for manifest in (first, second):
+        with fsspec.open(f"{output}/{manifest['snapshot']}/report.html", "r") as handle:
+            page = handle.read()
+        assert page.count('<img src="data:image/jpeg') >= 30  # 6 images, 5 neighbours each
+        assert "image unavailable" not in page
+    carried = f"{output}/{second['snapshot']}/thumbnails-carried.parquet"
+    assert pq.read_table(carried).num_rows == 9

@@ -122,8 +122,10 @@ class _Publish(beam.DoFn):
         seen: set = set()
         files = {prefix: compact(folder, prefix, self._schemas[prefix], seen)
                  for prefix in ("embeddings", "failures")}
+        if "thumbnails" in self._schemas:  # keyed apart: one per image, not per row
+            files["thumbnails"] = compact(folder, "thumbnails", self._schemas["thumbnails"])
         for prefix, written in files.items():
-            if not written:  # readers globbing `<prefix>-*.parquet` find the schema
+            if not written and prefix != "thumbnails":  # readers globbing `<prefix>-*.parquet` find the schema
                 path = join(folder, f"{prefix}-empty.parquet")
                 with fsspec.open(path, "wb") as handle:
                     pq.write_table(self._schemas[prefix].empty_table(), handle)

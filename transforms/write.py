@@ -55,6 +55,15 @@ def embedding_schema(dim: int = 256) -> pa.Schema:
     ])
 
 
+# Pictures kept by the run for report.html (transforms/decode.py says which).
+THUMBNAIL_SCHEMA = pa.schema([
+    ("gbifID", pa.int64()),
+    ("identifier", pa.string()),
+    ("image_sha256", pa.string()),
+    ("thumbnail", pa.binary()),
+])
+
+
 FAILURE_SCHEMA = pa.schema([
     ("gbifID", pa.int64()),
     ("identifier", pa.string()),

@@ -44,7 +44,8 @@ def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: 
     decoded = (new
                | "Decode" >> beam.ParDo(DecodeImages(opts.resize, opts.max_image_pixels,
                                                      opts.decode_threads,
-                                                     lookahead=2 * opts.batch_size))
+                                                     lookahead=2 * opts.batch_size,
+                                                     run=snapshot))
                .with_outputs(FAILURES, TALLY, THUMBNAILS, main="pixels"))
     rows, embed_failures, embed_tally = decoded.pixels | "Embed" >> Embed(
         embedder, model_fingerprint, snapshot)

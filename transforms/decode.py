@@ -31,15 +31,16 @@ THUMB_PX = 240
 # for the 565,000 images of Svampeatlas.
 THUMBS_FIRST = 500
 THUMB_EVERY = 64
-_KEPT = [0]
+_KEPT: dict[str, int] = {}  # run → thumbnails this process kept for it
 _KEPT_LOCK = threading.Lock()
 
 
-def keep_thumbnail(image_sha256: str) -> bool:
-    """Whether this process keeps a thumbnail of this image (see THUMBS_FIRST)."""
+def keep_thumbnail(image_sha256: str, run: str = "") -> bool:
+    """Whether this process keeps a thumbnail of this image in this run."""
     with _KEPT_LOCK:
-        if _KEPT[0] < THUMBS_FIRST or int(image_sha256[:8] or "1", 16) % THUMB_EVERY == 0:
-            _KEPT[0] += 1
+        kept = _KEPT.get(run, 0)
+        if kept < THUMBS_FIRST or int(image_sha256[:8] or "1", 16) % THUMB_EVERY == 0:
+            _KEPT[run] = kept + 1
             return True
     return False
 
@@ -169,10 +170,11 @@ class DecodeImages(ThreadedDoFn):
     """
 
     def __init__(self, resize: str = "squash", max_pixels: int = 100_000_000,
-                 threads: int = 2, lookahead: int = DECODE_LOOKAHEAD):
+                 threads: int = 2, lookahead: int = DECODE_LOOKAHEAD, run: str = ""):
         super().__init__(threads=threads, lookahead=lookahead)
         self._resize = resize
         self._max_pixels = max_pixels
+        self._run = run  # the run the thumbnails are counted for
 
     def work(self, fetched: dict) -> Iterable:
         image = {k: v for k, v in fetched.items() if k != "content"}
@@ -187,7 +189,7 @@ class DecodeImages(ThreadedDoFn):
         self.tally.add("decode.ok")
         outputs: list = [dict(image, pixels=pixels, width=width, height=height)]
         sha = image.get("image_sha256") or ""
-        if sha and keep_thumbnail(sha):
+        if sha and keep_thumbnail(sha, self._run):
             first = image["tasks"][0]
             outputs.append(TaggedOutput(THUMBNAILS, {
                 "gbifID": first.get("gbifID"), "identifier": first.get("identifier"),

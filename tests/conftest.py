@@ -1,8 +1,14 @@
 """Shared fixtures: the real GBIF samples and photographs in ../shared, read in place."""
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
+import socket
+import subprocess
+import sys
+import time
+from typing import Iterator
 
 import pytest
 
@@ -39,7 +45,6 @@ def shared_path(*parts: str) -> pathlib.Path:
 
 
 def _free_port() -> int:
-    import socket
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -52,9 +57,6 @@ def gcs_bucket():
     gcsfs and Beam's GCS client both honour STORAGE_EMULATOR_HOST.
     """
     import shutil
-    import subprocess
-    import sys
-    import time
 
     import fsspec
     executable = shutil.which("gcp-storage-emulator") or os.path.join(
@@ -79,3 +81,46 @@ def gcs_bucket():
     process.terminate()
     process.wait(timeout=10)
     os.environ.pop("STORAGE_EMULATOR_HOST", None)
+
+
+class FakeClock:
+    """A clock whose sleep only moves it on: politeness tests in no time."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@contextlib.contextmanager
+def portable_runner() -> Iterator[list[str]]:
+    """Beam's job service plus an external worker pool, as a Flink deployment's
+    sidecar runs it; yields the flags of a run on it. The pool starts workers
+    with the `python` on PATH, so PATH leads to this venv."""
+    job_port, pool_port = _free_port(), _free_port()
+    env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    services = [
+        subprocess.Popen([sys.executable, "-m",
+                          "apache_beam.runners.portability.local_job_service_main",
+                          "--port", str(job_port)], env=env, cwd=str(ROOT),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        subprocess.Popen([sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main",
+                          "--service_port", str(pool_port)], env=env, cwd=str(ROOT),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+    ]
+    try:
+        for port in (job_port, pool_port):
+            deadline = time.time() + 60
+            while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+                assert time.time() < deadline, f"nothing listens on {port}"
+                time.sleep(0.2)
+        yield ["--runner", "PortableRunner", "--job_endpoint", f"localhost:{job_port}",
+               "--environment_type", "EXTERNAL", "--environment_config", f"localhost:{pool_port}"]
+    finally:
+        for service in services:
+            service.terminate()
+            service.wait(timeout=10)

@@ -33,7 +33,6 @@ from transforms.fetch import FetchImages
 from transforms.fetch_config import FetchConfig, source_url
 from transforms.fetch_outcome import backoff_delay, parse_retry_after, sniff_format
 from transforms.fetcher import Fetcher
-from transforms.politeness import Politeness
 from transforms.records import FAILURES, NOT_MODIFIED
 from transforms.tally import TALLY, MergeTallies
 
@@ -480,52 +479,6 @@ def test_backoff_grows_exponentially_with_jitter():
     assert backoff_delay(1, 1.0, 60, lambda: 0.0) == 0.5
     assert backoff_delay(3, 1.0, 60, lambda: 1.0) == 4.0
     assert backoff_delay(20, 1.0, 60, lambda: 1.0) == 60
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
-
-
-def test_politeness_halves_once_per_burst_and_recovers_slowly():
-    clock = FakeClock()
-    politeness = Politeness(8, 10.0, clock=clock, sleep=clock.sleep)
-    burst = [politeness.acquire("h", deadline=100) for _ in range(4)]
-    for ticket in burst:  # four concurrent 429s are one signal
-        politeness.release(ticket, 429)
-    assert politeness.current_rate("h") == 5.0
-    politeness.release(politeness.acquire("h", deadline=100), 429)
-    assert politeness.current_rate("h") == 2.5
-    for _ in range(10):
-        politeness.release(politeness.acquire("h", deadline=1000), 200)
-    assert 2.5 < politeness.current_rate("h") < 10.0
-    for _ in range(60):
-        politeness.release(politeness.acquire("h", deadline=1000), 200)
-    assert politeness.current_rate("h") == 10.0
-
-
-def test_politeness_spaces_requests_and_has_a_floor():
-    clock = FakeClock()
-    politeness = Politeness(1, 4.0, clock=clock, sleep=clock.sleep)
-    sent = []
-    for _ in range(3):
-        ticket = politeness.acquire("h", deadline=100)
-        sent.append(ticket.sent_at)
-        politeness.release(ticket, 200)
-    assert sent == [0.0, 0.25, 0.5]
-    for _ in range(20):
-        politeness.release(politeness.acquire("h", deadline=10_000), 503)
-    assert politeness.current_rate("h") == pytest.approx(0.1)
-    ticket = politeness.acquire("h", deadline=10_000)
-    politeness.release(ticket, 429, retry_after=30)
-    assert politeness.blocked_for("h") == 30
-    assert politeness.acquire("h", deadline=clock.now + 5) is None  # cannot wait that long
 
 
 # ---------------------------------------------------------------- configuration

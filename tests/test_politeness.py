@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import collections
 import math
-import os
 import random
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.cli import run
 from pipeline.sample_data import Media, Occurrence, write_dwca
-from tests.conftest import ROOT
+from tests.conftest import FakeClock, portable_runner
 from tests.image_hosts import Host, ImageHosts, violations
 from transforms.politeness import Budget, Politeness, shard_budgets
 
-VENV_BIN = os.path.dirname(sys.executable)
 RATE, CONCURRENCY = 4, 2  # two shards of (1 in flight, 2/s) per host
 
 
@@ -43,15 +37,39 @@ def test_the_defaults_split_into_four_shards():
     assert shard_budgets(8, 20) == [Budget(2, 5.0)] * 4
 
 
-class FakeClock:
-    def __init__(self):
-        self.now = 0.0
+def test_politeness_halves_once_per_burst_and_recovers_slowly():
+    clock = FakeClock()
+    politeness = Politeness(8, 10.0, clock=clock, sleep=clock.sleep)
+    burst = [politeness.acquire("h", deadline=100) for _ in range(4)]
+    for ticket in burst:  # four concurrent 429s are one signal
+        politeness.release(ticket, 429)
+    assert politeness.current_rate("h") == 5.0
+    politeness.release(politeness.acquire("h", deadline=100), 429)
+    assert politeness.current_rate("h") == 2.5
+    for _ in range(10):
+        politeness.release(politeness.acquire("h", deadline=1000), 200)
+    assert 2.5 < politeness.current_rate("h") < 10.0
+    for _ in range(60):
+        politeness.release(politeness.acquire("h", deadline=1000), 200)
+    assert politeness.current_rate("h") == 10.0
 
-    def __call__(self) -> float:
-        return self.now
 
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
+def test_politeness_spaces_requests_and_has_a_floor():
+    clock = FakeClock()
+    politeness = Politeness(1, 4.0, clock=clock, sleep=clock.sleep)
+    sent = []
+    for _ in range(3):
+        ticket = politeness.acquire("h", deadline=100)
+        sent.append(ticket.sent_at)
+        politeness.release(ticket, 200)
+    assert sent == [0.0, 0.25, 0.5]
+    for _ in range(20):
+        politeness.release(politeness.acquire("h", deadline=10_000), 503)
+    assert politeness.current_rate("h") == pytest.approx(0.1)
+    ticket = politeness.acquire("h", deadline=10_000)
+    politeness.release(ticket, 429, retry_after=30)
+    assert politeness.blocked_for("h") == 30
+    assert politeness.acquire("h", deadline=clock.now + 5) is None  # cannot wait that long
 
 
 def test_granted_budgets_add_up_and_go_back_to_the_default():
@@ -142,41 +160,10 @@ def test_two_worker_processes_together_keep_each_hosts_limits(tiny_model, tmp_pa
     _check(farm, manifest, rows, distinct)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_a_portable_runner_with_two_workers_keeps_each_hosts_limits(tiny_model, tmp_path):
     """Beam's job service and an external worker pool (how Flink runs Python)."""
-    job_port, pool_port = _free_port(), _free_port()
-    env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}")
-    services = [
-        subprocess.Popen([sys.executable, "-m",
-                          "apache_beam.runners.portability.local_job_service_main",
-                          "--port", str(job_port)], env=env, cwd=str(ROOT),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-        subprocess.Popen([sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main",
-                          "--service_port", str(pool_port)], env=env, cwd=str(ROOT),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-    ]
-    try:
-        for port in (job_port, pool_port):
-            deadline = time.time() + 60
-            while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
-                assert time.time() < deadline, f"nothing listens on {port}"
-                time.sleep(0.2)
-        with ImageHosts(_hosts(), str(tmp_path / "log.tsv")) as farm:
-            export, rows, distinct = _export(str(tmp_path / "export.zip"), farm.urls)
-            manifest = _run(export, tiny_model, str(tmp_path / "out"),
-                            "--runner", "PortableRunner",
-                            "--job_endpoint", f"localhost:{job_port}",
-                            "--environment_type", "EXTERNAL",
-                            "--environment_config", f"localhost:{pool_port}",
-                            "--sdk_worker_parallelism", "2", "--direct_num_workers", "2")
-    finally:
-        for service in services:
-            service.terminate()
-            service.wait(timeout=10)
+    with portable_runner() as flags, ImageHosts(_hosts(), str(tmp_path / "log.tsv")) as farm:
+        export, rows, distinct = _export(str(tmp_path / "export.zip"), farm.urls)
+        manifest = _run(export, tiny_model, str(tmp_path / "out"), *flags,
+                        "--sdk_worker_parallelism", "2", "--direct_num_workers", "2")
     _check(farm, manifest, rows, distinct)

@@ -4,11 +4,8 @@ a Dataflow dry run, and the sdist that Dataflow workers install."""
 from __future__ import annotations
 
 import glob
-import os
-import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -18,15 +15,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipeline.cli import run
 from pipeline.demo import serve_folder
 from pipeline.sample_data import make_sample
-from tests.conftest import LOOPBACK, ROOT
+from tests.conftest import LOOPBACK, ROOT, portable_runner
 
-VENV_BIN = os.path.dirname(sys.executable)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -76,36 +66,10 @@ def test_two_local_worker_processes_match_one(sample, tiny_model, single_process
 
 def test_portable_runner_with_external_worker_pool(sample, tiny_model, single_process,
                                                    tmp_path):
-    """Beam's job service plus a worker pool, as a Flink deployment's sidecar runs it.
-
-    The pool starts workers with the `python` on PATH, so PATH leads to this venv.
-    """
-    job_port, pool_port = _free_port(), _free_port()
-    env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}")
-    services = [
-        subprocess.Popen([sys.executable, "-m",
-                          "apache_beam.runners.portability.local_job_service_main",
-                          "--port", str(job_port)], env=env, cwd=str(ROOT),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-        subprocess.Popen([sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main",
-                          "--service_port", str(pool_port)], env=env, cwd=str(ROOT),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-    ]
-    try:
-        for port in (job_port, pool_port):
-            deadline = time.time() + 60
-            while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
-                assert time.time() < deadline, f"nothing listens on {port}"
-                time.sleep(0.2)
-        output = str(tmp_path / "out")
-        manifest = _run(sample, tiny_model, output, "--runner", "PortableRunner",
-                        "--job_endpoint", f"localhost:{job_port}",
-                        "--environment_type", "EXTERNAL",
-                        "--environment_config", f"localhost:{pool_port}")
-    finally:
-        for service in services:
-            service.terminate()
-            service.wait(timeout=10)
+    """Beam's job service plus a worker pool, as a Flink deployment's sidecar runs it."""
+    output = str(tmp_path / "out")
+    with portable_runner() as flags:
+        manifest = _run(sample, tiny_model, output, *flags)
     assert manifest["counts"]["embedded"] == sample.expected_images
     one = _embeddings(single_process[0], single_process[1]["snapshot"])
     portable = _embeddings(output, manifest["snapshot"])

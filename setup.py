@@ -40,5 +40,5 @@ setuptools.setup(
         "Programming Language :: Python :: 3.12",
         "Programming Language :: Python :: 3.13",
     ],
-    entry_points={"console_scripts": ["gbif-embed = pipeline.cli:main"]},
+    entry_points={"console_scripts": ["gbif-embed = pipeline.cli:console"]},
 )

@@ -1,6 +1,4 @@
 """`python -m pipeline run ...` is the same as `gbif-embed run ...`."""
-import sys
+from pipeline.cli import console
 
-from pipeline.cli import main
-
-sys.exit(main())
+console()

@@ -79,6 +79,19 @@ _NOISE = ("Resource module is not available", "Discarding unparseable args",
           "No semi_persistent_directory found")
 
 
+def console() -> None:
+    """The `gbif-embed` console command: `main`, then exit at once.
+
+    Every file a command writes is complete and closed when `main` returns;
+    what Python would still do at exit is tear down TensorFlow and Beam and
+    join their threads, about 1.2 s of a run's fixed cost for nothing."""
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _not_noise(record: logging.LogRecord) -> bool:
     message = record.getMessage()
     return not any(noise in message for noise in _NOISE)
@@ -425,4 +438,4 @@ def _inference_threads(options: PipelineOptions) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

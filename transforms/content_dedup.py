@@ -92,6 +92,9 @@ def _start(key: tuple) -> bool:
         since = _IN_FLIGHT.get(key)
         if since is not None and now - since < HOLD_S:
             return False
+        if len(_IN_FLIGHT) >= CACHE_ENTRIES:  # contents that failed never leave by `remember`
+            for stale in [k for k, t in _IN_FLIGHT.items() if now - t >= HOLD_S]:
+                del _IN_FLIGHT[stale]
         _IN_FLIGHT[key] = now
         return True
 

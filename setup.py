@@ -32,7 +32,7 @@ setuptools.setup(
     version="0.1.0",
     description="Image embeddings for GBIF occurrence downloads, with Apache Beam",
     python_requires=">=3.11,<3.14",
-    packages=["pipeline", "transforms"],
+    packages=setuptools.find_packages(include=["pipeline", "pipeline.*", "transforms", "transforms.*"]),
     install_requires=REQUIRED,
     extras_require={"test": TESTS},
     classifiers=[

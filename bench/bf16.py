@@ -47,7 +47,7 @@ PRECISIONS = ("float32", "bfloat16")
 
 def child(precision: str, model_dir: str, batch_size: int) -> None:
     """Configure, load, then obey `run N` / `embed IN OUT` / `quit` lines on stdin."""
-    from transforms.embed import configure_tensorflow, load
+    from transforms.embed.inference import configure_tensorflow, load
     configure_tensorflow(0, precision)  # before anything runs, as a worker does
     import tensorflow as tf
     option = tf.config.optimizer.get_experimental_options().get(
@@ -79,7 +79,7 @@ def _reply(message: dict) -> None:
 
 def kernels(precision: str, model_dir: str) -> None:
     """One call of one image with ONEDNN_VERBOSE=1 set by the parent."""
-    from transforms.embed import configure_tensorflow, load
+    from transforms.embed.inference import configure_tensorflow, load
     configure_tensorflow(0, precision)
     model = load(model_dir)
     print("-- first call --", flush=True)
@@ -155,8 +155,8 @@ def main() -> None:
     if args.kernels:
         return kernels(args.kernels, args.model)
 
-    from transforms.decode import decode_image
-    from transforms.embed import cpu_supports_bfloat16
+    from transforms.embed.decode import decode_image
+    from transforms.embed.inference import cpu_supports_bfloat16
     if not cpu_supports_bfloat16():
         sys.exit("this CPU has neither AVX512-BF16 nor AMX: --precision bfloat16 is refused")
     model_dir = common.model(args.arch)

@@ -46,7 +46,7 @@ def model(arch: str) -> str:
     target = os.path.join(CACHE, "models", arch)
     if os.path.exists(os.path.join(target, "tfhub_module.pb")):
         return target
-    from pipeline.make_model import build_model
+    from pipeline.models.make_model import build_model
     os.makedirs(os.path.dirname(target), exist_ok=True)
     scratch = tempfile.mkdtemp(prefix=f"{arch}-", dir=os.path.dirname(target))
     log(f"building the {arch} stand-in model in {target} ...")
@@ -62,7 +62,7 @@ def model(arch: str) -> str:
 _SERVER = r"""
 import sys, time
 sys.path.insert(0, sys.argv[2])
-from pipeline.demo import serve_folder
+from pipeline.demo.demo import serve_folder
 with serve_folder(sys.argv[1]) as url:
     print(url, flush=True)
     sys.stdin.read()   # until the parent closes our stdin
@@ -145,7 +145,7 @@ def serve(folder: str, distinct: bool = False) -> Iterator[Server]:
 
 def write_export(path: str, urls: Sequence[str]) -> str:
     """A GBIF DwC-A zip with one occurrence and one StillImage row per URL."""
-    from pipeline.sample_data import DMS_DATASET_KEY, Media, Occurrence, write_dwca
+    from pipeline.demo.sample_data import DMS_DATASET_KEY, Media, Occurrence, write_dwca
     occurrences = [Occurrence(gbifID=5_000_000_000 + i, occurrenceID=f"bench-{i}",
                               datasetKey=DMS_DATASET_KEY, taxonKey=1000 + i % 7,
                               scientificName="Agaricus bench")

@@ -1,6 +1,6 @@
 """Benchmark: reduced-size JPEG decoding against a full decode.
 
-`transforms.decode.decode_image` decodes JPEGs at a reduced size (libjpeg's
+`transforms.embed.decode.decode_image` decodes JPEGs at a reduced size (libjpeg's
 DCT scaling through Pillow's `draft`) when the result still covers 299×299.
 The baseline decodes every pixel of the picture and then does the same
 steps: EXIF orientation, RGB, the same bilinear resize to 299×299.
@@ -30,7 +30,7 @@ from PIL import Image, ImageOps  # noqa: E402
 
 from bench import common  # noqa: E402
 from pipeline.machine import describe_cpu  # noqa: E402
-from transforms.decode import SIZE, _to_rgb, decode_image  # noqa: E402
+from transforms.embed.decode import SIZE, _to_rgb, decode_image  # noqa: E402
 
 
 def full_decode(content: bytes, size: int = SIZE) -> np.ndarray:

@@ -31,8 +31,8 @@ from apache_beam.pvalue import TaggedOutput  # noqa: E402
 from apache_beam.transforms.window import GlobalWindow  # noqa: E402
 from apache_beam.utils.timestamp import MIN_TIMESTAMP  # noqa: E402
 
-from transforms.fetch import FetchHostShards, shard_key  # noqa: E402
-from transforms.fetch_config import FetchConfig  # noqa: E402
+from transforms.fetch.stage import FetchHostShards, shard_key  # noqa: E402
+from transforms.fetch.config import FetchConfig  # noqa: E402
 from pipeline.machine import describe_cpu  # noqa: E402
 
 

@@ -30,7 +30,7 @@ from pipeline.machine import describe_cpu  # noqa: E402
 
 
 def _pictures(folder: str, count: int, size: tuple[int, int]) -> list[str]:
-    from pipeline.sample_data import jpeg_bytes, synthetic_photo
+    from pipeline.demo.sample_data import jpeg_bytes, synthetic_photo
     names = []
     for i in range(count):
         name = f"photo_{i:03d}.jpg"

@@ -62,7 +62,7 @@ def _files(folder: str, synthetic: int) -> list[str]:
         os.symlink(path, os.path.join(folder, name))
         names.append(name)
     if synthetic:
-        from pipeline.sample_data import jpeg_bytes, synthetic_photo
+        from pipeline.demo.sample_data import jpeg_bytes, synthetic_photo
         for i in range(synthetic):
             name = f"synthetic_{i:03d}.jpg"
             with open(os.path.join(folder, name), "wb") as handle:
@@ -74,7 +74,7 @@ def _files(folder: str, synthetic: int) -> list[str]:
 def _batches(folder: str, names: list[str], batch_size: int):
     """Pre-decoded uint8 batches of the same pictures, for the tight loop."""
     import numpy as np
-    from transforms.decode import decode_image
+    from transforms.embed.decode import decode_image
     pixels = []
     for name in names:
         with open(os.path.join(folder, name), "rb") as handle:
@@ -121,7 +121,7 @@ def main() -> None:
 
 
 def _measure(args, model_dir: str, export: str, output: str, batches) -> str:
-    import transforms.embed as embed
+    import transforms.embed.inference as embed
 
     # The reference: the pipeline's own model function, in this process.
     model = embed.load(model_dir)
@@ -172,7 +172,7 @@ def _measure(args, model_dir: str, export: str, output: str, batches) -> str:
 def _run_pipeline(args, model_dir: str, export: str, output: str) -> dict:
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    import transforms.embed as embed
+    import transforms.embed.inference as embed
     from pipeline import cli
 
     one_off = {"contract check": [], "report.html": []}

@@ -22,10 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 
 from pipeline.cli import run  # noqa: E402
-from pipeline.demo import serve_folder  # noqa: E402
+from pipeline.demo.demo import serve_folder  # noqa: E402
 from pipeline.machine import describe_cpu  # noqa: E402
-from pipeline.make_model import build_model  # noqa: E402
-from pipeline.sample_data import make_sample  # noqa: E402
+from pipeline.models.make_model import build_model  # noqa: E402
+from pipeline.demo.sample_data import make_sample  # noqa: E402
 
 
 def _timed_run(export: str, model: str, output: str, images: int) -> tuple[float, dict]:

@@ -30,9 +30,9 @@ from apache_beam.options.pipeline_options import (
 from pipeline.interrupt import RunStopped, stop, stoppable
 from pipeline.options import GbifEmbedOptions
 from pipeline.summary import format_summary
-from transforms.read_export import Archive, ExportError, read_identity, read_spec
-from transforms.resume import RUN, resumable_runs
-from transforms.snapshot import (
+from transforms.read.export import Archive, ExportError, read_identity, read_spec
+from transforms.compare.resume import RUN, resumable_runs
+from transforms.write.snapshot import (
     join,
     new_snapshot_name,
     read_latest,
@@ -111,32 +111,22 @@ def _quiet_libraries() -> None:
 
 
 def make_model_command(argv: Sequence[str]) -> int:
-    from pipeline.make_model import ARCHITECTURES, build_model
-    parser = argparse.ArgumentParser(prog="gbif-embed make-model", description=(
-        "Write a STAND-IN for svampeatlas/vision/embedder/fungi_V2/1: same TF1 Hub "
-        "format and contract, deterministic random weights, no fungus knowledge."))
-    parser.add_argument("--out", required=True, help="Folder to create")
-    parser.add_argument("--arch", choices=ARCHITECTURES, default="inception_v4")
-    parser.add_argument("--embedding_dim", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    build_model(args.out, args.arch, args.embedding_dim, args.seed)
-    print(f"wrote the {args.arch} stand-in embedder to {args.out}")
-    return 0
+    from pipeline.models.make_model import main as make_model
+    return make_model(argv)
 
 
 def plan_command(argv: Sequence[str]) -> int:
-    from pipeline.plan import plan_command as plan
+    from pipeline.tools.plan import plan_command as plan
     return plan(argv)
 
 
 def demo_command(argv: Sequence[str]) -> int:
-    from pipeline.demo import demo
+    from pipeline.demo.demo import demo
     return demo(argv)
 
 
 def evaluate_command(argv: Sequence[str]) -> int:
-    from pipeline.evaluate import DEFAULT_QUERIES, LABELS, evaluate, format_table, write_evaluation
+    from pipeline.tools.evaluate import DEFAULT_QUERIES, LABELS, evaluate, format_table, write_evaluation
     parser = argparse.ArgumentParser(prog="gbif-embed evaluate", description=(
         "Recall@1/5/10 of nearest-neighbour retrieval (cosine, exact) over OUTPUT/LATEST: "
         "a hit is a neighbour with the query's label; images of the query's own "
@@ -160,8 +150,8 @@ def evaluate_command(argv: Sequence[str]) -> int:
 
 
 def query_command(argv: Sequence[str]) -> int:
-    from pipeline.query import format_results, query, run_fetch_config
-    from pipeline.report import write_contact_sheet
+    from pipeline.tools.query import format_results, query, run_fetch_config
+    from pipeline.tools.report import write_contact_sheet
     parser = argparse.ArgumentParser(prog="gbif-embed query", description=(
         "The k stored images nearest to a picture (--image) or to an occurrence's "
         "first image (--gbif_id), by cosine similarity over OUTPUT/LATEST. A picture "
@@ -220,7 +210,7 @@ def run(options: PipelineOptions, argv: Optional[Sequence[str]] = None) -> dict:
     what was kept and how to resume (`argv`: the command's arguments)."""
     from pipeline import graph
     from pipeline.sdk_image import check_sdk_image
-    from transforms.embed import (check_contract, cpu_supports_bfloat16, fingerprint,
+    from transforms.embed.inference import (check_contract, cpu_supports_bfloat16, fingerprint,
                                   forget_models, localize)
     opts = options.view_as(GbifEmbedOptions)
     for flag in ("export", "model", "output"):
@@ -392,14 +382,14 @@ def _live_progress(options: PipelineOptions) -> Iterator[None]:
         yield
         return
     from pipeline.progress_display import ProgressDisplay
-    from transforms.progress import Listener
+    from transforms.common.progress import Listener
     with Listener() as listener, ProgressDisplay(listener.totals):
         yield
 
 
 def _write_report(output: str, snapshot: str) -> Optional[str]:
     """report.html is a courtesy: failing to write it must not fail a finished run."""
-    from pipeline.report import write_report
+    from pipeline.tools.report import write_report
     try:
         return write_report(output, snapshot)
     except Exception as err:  # thumbnails, a full disk, a bucket's permissions

@@ -10,16 +10,16 @@ from typing import Optional, Sequence
 import apache_beam as beam
 
 from pipeline.options import GbifEmbedOptions, fetch_config
-from transforms.content_dedup import SkipKnownContent
-from transforms.decode import THUMBNAILS, DecodeImages
-from transforms.embed import Embed, HubImageEmbedder
-from transforms.fetch import FetchImages
-from transforms.read_export import ReadExport
-from transforms.records import FAILURES, NOT_MODIFIED
-from transforms.refresh import CompareWithPrevious, SplitUnchanged
-from transforms.snapshot import PublishSnapshot, join
-from transforms.tally import TALLY, MergeTallies
-from transforms.write import FAILURE_SCHEMA, THUMBNAIL_SCHEMA, WriteParquet, embedding_schema
+from transforms.embed.dedup import SkipKnownContent
+from transforms.embed.decode import THUMBNAILS, DecodeImages
+from transforms.embed.inference import Embed, HubImageEmbedder
+from transforms.fetch.stage import FetchImages
+from transforms.read.export import ReadExport
+from transforms.common.records import FAILURES, NOT_MODIFIED
+from transforms.compare.refresh import CompareWithPrevious, SplitUnchanged
+from transforms.write.snapshot import PublishSnapshot, join
+from transforms.common.tally import TALLY, MergeTallies
+from transforms.write.parts import FAILURE_SCHEMA, THUMBNAIL_SCHEMA, WriteParquet, embedding_schema
 
 
 def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: dict,

@@ -19,7 +19,7 @@ from typing import Iterator, Optional, Sequence
 import fsspec
 import pyarrow.parquet as pq
 
-from transforms.compact import part_files
+from transforms.write.compact import part_files
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 

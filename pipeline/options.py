@@ -9,7 +9,7 @@ from typing import Any
 
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 
-from transforms.fetch_config import DEFAULT_USER_AGENT, FetchConfig, parse_mirrors
+from transforms.fetch.config import DEFAULT_USER_AGENT, FetchConfig, parse_mirrors
 
 
 class GbifEmbedOptions(PipelineOptions):

@@ -1,7 +1,7 @@
 """The live progress line of a local `gbif-embed run`.
 
 A run over a large download takes hours; without a sign of life people kill
-it. This shows what `transforms.progress.Listener` hears from the workers:
+it. This shows what `transforms.common.progress.Listener` hears from the workers:
 images processed of the export's image rows, fetched, embedded, failed, the
 current rate and an estimate of the time left.
 

@@ -28,7 +28,7 @@ LOOPBACK = ["--allow_private_networks", "127.0.0.1/32"]
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """The small stand-in embedder, built once per test session."""
-    from pipeline.make_model import build_model
+    from pipeline.models.make_model import build_model
     path = str(tmp_path_factory.mktemp("models") / "tiny")
     build_model(path, "tiny")
     return path

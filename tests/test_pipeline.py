@@ -12,9 +12,9 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.cli import main, run
-from pipeline.demo import serve_folder
-from pipeline.make_model import build_model
-from pipeline.sample_data import (
+from pipeline.demo.demo import serve_folder
+from pipeline.models.make_model import build_model
+from pipeline.demo.sample_data import (
     Media,
     Occurrence,
     jpeg_bytes,
@@ -23,9 +23,9 @@ from pipeline.sample_data import (
     write_dwca,
 )
 from tests.conftest import LOOPBACK
-from transforms.embed import ModelError, fingerprint
-from transforms.snapshot import read_latest, read_manifest
-from transforms.write import FAILURE_SCHEMA, embedding_schema
+from transforms.embed.inference import ModelError, fingerprint
+from transforms.write.snapshot import read_latest, read_manifest
+from transforms.write.parts import FAILURE_SCHEMA, embedding_schema
 
 
 def _tables(output: str):

@@ -8,16 +8,16 @@ import subprocess
 import sys
 import time
 
-from pipeline.demo import serve_folder
-from pipeline.make_model import build_model
+from pipeline.demo.demo import serve_folder
+from pipeline.models.make_model import build_model
 from pipeline.progress_display import (ProgressDisplay, RateMeter, eta_seconds,
                                        format_duration, format_line)
-from pipeline.sample_data import make_sample
+from pipeline.demo.sample_data import make_sample
 from tests.conftest import ROOT
-from transforms import progress
-from transforms.progress import Listener
+from transforms.common import progress
+from transforms.common.progress import Listener
 
-REPORTER = ("from transforms import progress\n"
+REPORTER = ("from transforms.common import progress\n"
             "progress.report('fetched', {fetched})\n"
             "progress.report('embeddings', {embeddings})\n"
             "progress.flush()\n")

@@ -144,7 +144,7 @@ def test_gbif_embed_run_refuses_an_image_for_another_python(tmp_path, capsys):
 
 def test_dataflow_dry_run_accepts_an_image_for_this_python(tmp_path, tiny_model, gcs_bucket):
     """A matching image passes the check and the real Dataflow job is built."""
-    from pipeline.sample_data import make_sample
+    from pipeline.demo.sample_data import make_sample
     sample = make_sample(str(tmp_path / "data"), "http://127.0.0.1:9/", 4,
                          photo_size=(64, 48), with_problems=False)
     result = run(PipelineOptions([

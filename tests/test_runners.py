@@ -13,8 +13,8 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.cli import run
-from pipeline.demo import serve_folder
-from pipeline.sample_data import make_sample
+from pipeline.demo.demo import serve_folder
+from pipeline.demo.sample_data import make_sample
 from tests.conftest import LOOPBACK, ROOT, portable_runner
 
 
@@ -115,7 +115,7 @@ def test_sdist_installs_into_a_clean_venv(tmp_path):
     assert help_text.returncode == 0, help_text.stderr[-3000:]
     assert "--export" in help_text.stdout and "--allow_private_networks" in help_text.stdout
     where = subprocess.run([str(venv / "bin" / "python"), "-c",
-                            "import pipeline.graph, transforms.embed; "
+                            "import pipeline.graph, transforms.embed.inference; "
                             "print(pipeline.graph.__file__)"],
                            capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
     assert where.stdout.startswith(str(venv)), where.stdout + where.stderr

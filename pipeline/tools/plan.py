@@ -1,0 +1,270 @@
+"""`gbif-embed plan --export EXPORT`: how long a run will take, before paying for it.
+
+A first run is bounded by two things that more workers cannot both fix: the
+politeness limits of the busiest host (its distinct URLs at `--per_host_rate`
+requests/s for the whole job, whatever the worker count) and the CPU time of
+the model. `plan` reads the export with the run's own reader and URL rules
+(so its counts are the run's counts), fetches nothing, and measures the model
+on this machine's CPU (or takes a rate measured elsewhere), then says which
+of the two sets the pace and how many workers are worth paying for.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import fsspec
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipeline import machine
+from pipeline.options import GbifEmbedOptions, fetch_config
+from transforms.fetch.config import FetchConfig, fetch_url, host_of
+from transforms.fetch.politeness import shard_budgets
+from transforms.read.export import Archive, image_rows, read_spec
+from transforms.common.tally import Tally
+
+TOP_HOSTS = 20
+BATCH = 16
+BF16_FLAGS = {"avx512_bf16", "amx_bf16"}  # as `run` requires for --precision bfloat16
+NOT_MODELLED = ("not modelled: start-up (workers, model loading), retries and back-off "
+                "(429/503, Retry-After), latency-bound hosts, failures, decoding and other "
+                "pipeline overhead, and the reuse of a previous snapshot (this is a first run "
+                "or --full)")
+
+
+def job_rate(config: FetchConfig, host: str) -> float:
+    """Requests/s one host gets for the whole job: the sum of its shards' budgets,
+    as the fetch stage grants them (floor(rate) when the rate is 1/s or more)."""
+    return sum(b.rate for b in shard_budgets(*config.host_limits(host)))
+
+
+def lower_bound_s(urls: int, rate: float) -> float:
+    """Seconds a host needs at least to serve `urls` at `rate` (0: no rate limit)."""
+    return urls / rate if rate > 0 else 0.0
+
+
+def estimate(compute_vcpu_s: float, slowest_host_s: float, workers: int,
+             vcpus_per_worker: int) -> dict:
+    """Wall time, vCPU-hours and the useful worker count for N workers of M vCPUs.
+
+    Fetching and inference overlap, so the wall time is the larger of the
+    slowest host's bound and the compute time; workers beyond the point where
+    compute fits in the slowest host's time only add idle vCPU-hours.
+    """
+    vcpus = workers * vcpus_per_worker
+    compute_s = compute_vcpu_s / vcpus
+    wall_s = max(slowest_host_s, compute_s)
+    useful = (max(1, math.ceil(compute_vcpu_s / (slowest_host_s * vcpus_per_worker)))
+              if slowest_host_s > 0 else None)
+    return {"compute_s": compute_s, "wall_s": wall_s, "vcpu_hours": wall_s * vcpus / 3600,
+            "useful_workers_max": useful,
+            "bound_by": "host" if slowest_host_s >= compute_s else "compute"}
+
+
+@dataclass
+class ExportCounts:
+    images: int                   # rows the run keeps: distinct (gbifID, identifier)
+    urls_by_host: dict[str, int]  # distinct fetch URLs per host
+    invalid_urls: int             # rows without a fetchable URL (the run fails them)
+    skipped: dict[str, float]     # what the reader skipped, by the run's reasons
+
+
+@functools.lru_cache(maxsize=65536)
+def _host_of_authority(start: str) -> str:
+    return host_of(start)
+
+
+def _host(url: str) -> str:
+    """host_of, cached by what it reads (scheme and authority end at the third
+    `/`): most of a plan's time went into parsing the same few hundred hosts."""
+    return _host_of_authority("/".join(url.split("/", 3)[:3]))
+
+
+def count_export(export: str, config: FetchConfig, max_images: int = 0) -> ExportCounts:
+    """Counts what the run would fetch, with its reader and its URL rules."""
+    tally, pairs, host_by_url, invalid = Tally(), set(), {}, 0
+    with Archive(export) as archive:
+        spec = read_spec(archive)
+        for gbif_id, media in image_rows(archive, spec.image_source(), tally, max_images):
+            pair = (gbif_id, media["identifier"])
+            if pair in pairs:  # the run's join drops it (JoinOccurrences)
+                tally.add("skipped.duplicate_image")
+                continue
+            pairs.add(pair)
+            try:
+                url = fetch_url({"gbifID": gbif_id, **media}, config)
+            except ValueError:
+                invalid += 1
+                continue
+            if url not in host_by_url:
+                host_by_url[url] = _host(url)
+    counts = tally.flush()
+    return ExportCounts(len(pairs), dict(collections.Counter(host_by_url.values())), invalid,
+                        {k: v for k, v in counts.items() if k.startswith("skipped.")})
+
+
+def measure_rate(model: str, precision: str, seconds: float) -> tuple[float, float, float]:
+    """(images/s of the whole machine, seconds measured, cores other processes
+    used meanwhile): the model on uint8 noise at batch 16 after one warm-up
+    call, as the run calls it. A busy machine measures low, hence the third."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import numpy as np
+    from transforms.embed.inference import INPUT_SHAPE, configure_tensorflow, load
+    configure_tensorflow(0, precision)
+    embed = load(model).embed
+    batch = np.random.default_rng(0).integers(0, 256, (BATCH, *INPUT_SHAPE), dtype=np.uint8)
+    embed(batch).numpy()
+    images, start = 0, time.perf_counter()
+    busy, own = machine.busy_cpu_seconds(), time.process_time()
+    while images < 2 * BATCH or time.perf_counter() - start < seconds:
+        embed(batch).numpy()
+        images += BATCH
+    elapsed = time.perf_counter() - start
+    others = machine.busy_cpu_seconds() - busy - (time.process_time() - own)
+    return images / elapsed, elapsed, max(0.0, others / elapsed)
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
+def duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.2f} h"
+
+
+def format_plan(plan: dict, config: FetchConfig) -> str:
+    """The plan as the terminal shows it; every figure is also in `--json`."""
+    width = max([len(h["host"]) for h in plan["top_hosts"]] + [4])
+    lines = [f"export: {plan['export']}", f"cpu: {plan['cpu']['description']}",
+             f"images: {plan['images']:,} image rows, {plan['distinct_urls']:,} distinct URLs "
+             f"(each fetched once) on {plural(plan['hosts'], 'host')}"]
+    skipped = [f"{k.split('.', 1)[1]} {v:,.0f}" for k, v in sorted(plan["skipped"].items())]
+    skipped += [f"invalid_url {plan['invalid_urls']:,}"] if plan["invalid_urls"] else []
+    if skipped:
+        lines.append(f"  not fetched (as in the run): {', '.join(skipped)}")
+    special = "".join(f"; {h}: {c} in flight" for h, (c, _) in config.host_overrides().items())
+    lines.append(f"largest hosts (distinct URLs; politeness lower bound at "
+                 f"{config.per_host_rate:g} requests/s and {config.per_host_concurrency} in "
+                 f"flight per host, for the whole job{special}):")
+    lines += [f"  {h['host']:<{width}} {h['urls']:>9,}  {duration(h['lower_bound_s']):>9}"
+              for h in plan["top_hosts"]]
+    in_flight, rate = config.host_limits(plan["slowest_host"] or "")
+    if rate > 0:
+        lines.append(f"  a host answering slower than {in_flight / rate:.2f} s per image is "
+                     f"slower still: it gets {in_flight} ÷ latency requests/s")
+    lines.append(f"compute: {plan['distinct_urls']:,} images (distinct URLs: an upper bound on "
+                 f"distinct contents) ÷ {plan['rate_per_vcpu']:.2f} images/s per vCPU "
+                 f"({plan['rate_source']}) = {plan['compute_vcpu_s'] / 3600:,.2f} vCPU-hours")
+    n, m = plan["workers"], plan["vcpus_per_worker"]
+    pace = (f"{plan['slowest_host']} sets the pace" if plan["bound_by"] == "host"
+            else "the CPUs set the pace")
+    useful = plan["useful_workers_max"]
+    lines.append(f"{plural(n, 'worker')} x {m} vCPUs: wall >= {duration(plan['wall_s'])} ({pace}; "
+                 f"compute alone {duration(plan['compute_s'])}), "
+                 f"{plan['vcpu_hours']:,.2f} vCPU-hours; "
+                 + (f"more than {plural(useful, 'worker')} of {m} vCPUs do not help" if useful
+                    else "no host rate limit: more workers always help"))
+    lines.append(NOT_MODELLED)
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gbif-embed plan", allow_abbrev=False, description=(
+            "Before a run: image rows, distinct URLs and hosts of an export, each host's "
+            "politeness lower bound, the compute time, and the wall time and vCPU-hours "
+            "for N workers. Fetches nothing."),
+        epilog="Also read, with the meaning they have for `run`: --export (required), "
+        "--model, --precision, --max_images, --image_source, --mirror, --per_host_rate, "
+        "--per_host_concurrency.")
+    add = parser.add_argument
+    add("--images_per_second_per_vcpu", type=float, metavar="X",
+        help="Model speed measured elsewhere (else --model is measured on this CPU)")
+    add("--workers", type=int, default=1, metavar="N", help="Workers (default 1)")
+    add("--vcpus_per_worker", type=int, default=os.cpu_count() or 1, metavar="M",
+        help="vCPUs per worker (default: this machine's)")
+    add("--measure_seconds", type=float, default=6.0, metavar="S",
+        help="How long to run the model when measuring (default 6)")
+    add("--json", metavar="PATH", help="Also write the figures as JSON here")
+    return parser
+
+
+def _check(args: argparse.Namespace, opts: GbifEmbedOptions) -> None:
+    """Fails before reading anything when the flags cannot give a plan."""
+    given = args.images_per_second_per_vcpu
+    if not opts.export:
+        raise ValueError("--export is required: a GBIF DwC-A download (.zip or folder)")
+    if given is None and not opts.model:
+        raise ValueError("plan needs the model's speed: --images_per_second_per_vcpu X "
+                         "(images/s per vCPU, measured elsewhere) or --model PATH "
+                         "(measured here for a few seconds)")
+    if (given is not None and given <= 0) or args.workers < 1 or args.vcpus_per_worker < 1:
+        raise ValueError("--images_per_second_per_vcpu, --workers and --vcpus_per_worker "
+                         "must be positive")
+    if given is None and opts.precision == "bfloat16" and not (
+            BF16_FLAGS & set(machine.vector_flags())):
+        raise ValueError("--precision bfloat16 needs a CPU with AVX512-BF16 or AMX; "
+                         "use --precision float32, or --images_per_second_per_vcpu")
+
+
+def _rate(args: argparse.Namespace, opts: GbifEmbedOptions) -> tuple[float, str]:
+    """images/s per vCPU, and where the figure comes from."""
+    if args.images_per_second_per_vcpu is not None:
+        return args.images_per_second_per_vcpu, "--images_per_second_per_vcpu"
+    total, seconds, others = measure_rate(opts.model, opts.precision, args.measure_seconds)
+    cpus = os.cpu_count() or 1
+    return total / cpus, (f"measured here: {total:.2f} images/s on {cpus} vCPUs, "
+                          f"{opts.precision}, batch {BATCH}, {seconds:.1f} s; other "
+                          f"processes used {others:.1f} cores meanwhile")
+
+
+def plan_command(argv: Sequence[str]) -> int:
+    args, rest = _parser().parse_known_args(list(argv))  # -h prints help and exits
+    opts = PipelineOptions(rest).view_as(GbifEmbedOptions)
+    _check(args, opts)
+    config = fetch_config(opts)
+    counts = count_export(opts.export, config, opts.max_images)
+    rate, source = _rate(args, opts)
+    hosts = sorted(counts.urls_by_host.items(), key=lambda item: (-item[1], item[0]))
+    bounds = {h: lower_bound_s(n, job_rate(config, h)) for h, n in hosts}
+    slowest = max(bounds, key=bounds.__getitem__, default=None)
+    distinct = sum(counts.urls_by_host.values())
+    compute_vcpu_s = distinct / rate
+    plan = {"export": opts.export,
+            "cpu": {"model": machine.cpu_model(), "vector_flags": machine.vector_flags(),
+                    "vcpus": os.cpu_count(), "description": machine.describe_cpu()},
+            "images": counts.images, "distinct_urls": distinct,
+            "hosts": len(hosts), "invalid_urls": counts.invalid_urls, "skipped": counts.skipped,
+            "per_host_rate": config.per_host_rate,
+            "per_host_concurrency": config.per_host_concurrency,
+            "top_hosts": [{"host": h, "urls": n, "lower_bound_s": bounds[h]}
+                          for h, n in hosts[:TOP_HOSTS]],
+            "slowest_host": slowest,
+            "rate_per_vcpu": rate, "rate_source": source, "compute_vcpu_s": compute_vcpu_s,
+            "workers": args.workers, "vcpus_per_worker": args.vcpus_per_worker,
+            **estimate(compute_vcpu_s, bounds.get(slowest, 0.0), args.workers,
+                       args.vcpus_per_worker),
+            "not_modelled": NOT_MODELLED}
+    print(format_plan(plan, config))
+    if args.json:
+        with fsspec.open(args.json, "w") as handle:  # local or gs://, like the export
+            json.dump(plan, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":  # `python -m pipeline.tools.plan`, failing as `gbif-embed` does
+    try:
+        sys.exit(plan_command(sys.argv[1:]))
+    except ValueError as err:  # ExportError and ModelError are ValueErrors
+        print(f"gbif-embed plan: error: {err}", file=sys.stderr)
+        sys.exit(2)

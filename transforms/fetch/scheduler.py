@@ -1,0 +1,191 @@
+"""Fetching many hosts at once, each within its own budget.
+
+A pool of threads that takes URLs in arrival order lets one slow, throttled
+or stalled host fill every thread while the others wait (head-of-line
+blocking). Here each host has its own queue, and one dispatcher thread
+starts a fetch only when its host has a free slot, its turn by rate has
+come, and no earlier fetch of that host is still waiting for its turn. So a
+host holds at most its own slots, and hosts never wait for each other while
+threads are free.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import itertools
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from transforms.fetch.outcome import FetchResult
+from transforms.fetch.fetcher import Fetcher
+from transforms.fetch.politeness import Politeness
+
+
+@dataclass
+class Job:
+    """One distinct URL to fetch, with whatever its caller needs back."""
+
+    host: str
+    url: str
+    etag: Optional[str] = None
+    last_modified: Optional[str] = None
+    payload: Any = None
+    group: Any = None  # jobs of one host are taken from its groups in turn
+    id: int = field(default_factory=itertools.count().__next__)
+
+
+class _HostQueue:
+    """One host's waiting jobs, taken from its groups (shards) in turn, so that
+    its shards advance together: what is left when a run dies, or when a
+    shard's group ends, is spread over all of them."""
+
+    def __init__(self):
+        self._groups: collections.OrderedDict = collections.OrderedDict()
+
+    def __bool__(self) -> bool:
+        return bool(self._groups)
+
+    def append(self, job: Job) -> None:
+        self._groups.setdefault(job.group, collections.deque()).append(job)
+
+    def popleft(self) -> Job:
+        group, jobs = next(iter(self._groups.items()))
+        job = jobs.popleft()
+        if jobs:
+            self._groups.move_to_end(group)
+        else:
+            del self._groups[group]
+        return job
+
+
+# Below this spacing between a host's requests a fetch thread may as well
+# wait for its turn itself: the dispatcher need not hold the next one back.
+SPACING_WORTH_WAITING_S = 0.005
+
+
+class HostScheduler:
+    """Per-host queues drained by a dispatcher thread onto `threads` workers.
+
+    `max_ready` bounds the results done but not yet `take`n: while that many
+    wait (the caller is busy, e.g. inferring), no new fetch starts, so
+    fetched bytes never pile up in memory.
+    """
+
+    def __init__(self, fetcher: Fetcher, politeness: Politeness, threads: int,
+                 max_ready: int = 0):
+        self._fetcher = fetcher
+        self._politeness = politeness
+        self._threads = max(1, int(threads))
+        self._max_ready = max_ready or max(64, 2 * self._threads)
+        self._pool = concurrent.futures.ThreadPoolExecutor(self._threads,
+                                                           thread_name_prefix="fetch")
+        self._cond = threading.Condition()
+        self._queues: dict[str, _HostQueue] = {}
+        self._running: collections.Counter = collections.Counter()
+        self._awaiting: dict[str, int] = {}  # host -> id of the job waiting for its turn
+        self._total_running = 0
+        self._done: collections.deque = collections.deque()
+        self._queued = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._dispatch, name="fetch-dispatcher",
+                                        daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            self._queues.setdefault(job.host, _HostQueue()).append(job)
+            self._queued += 1
+            self._cond.notify_all()
+
+    def pending(self) -> int:
+        """Jobs submitted and not yet taken."""
+        with self._cond:
+            return self._queued + self._total_running + len(self._done)
+
+    def take(self, block: bool) -> list[tuple[Job, FetchResult]]:
+        """Finished jobs; with `block`, waits until at least one is finished
+        (or nothing is pending)."""
+        with self._cond:
+            while block and not self._done and (self._queued or self._total_running):
+                self._cond.wait()
+            done, self._done = list(self._done), collections.deque()
+            self._cond.notify_all()
+            return done
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- the dispatcher
+
+    def _dispatch(self) -> None:
+        rotation = 0
+        with self._cond:
+            while not self._closed:
+                wake = self._start_ready(rotation)
+                rotation += 1
+                if wake is None:
+                    self._cond.wait()
+                elif wake > 0:
+                    self._cond.wait(wake)
+
+    def _start_ready(self, rotation: int) -> Optional[float]:
+        """Starts every job whose host may go now; returns how long to sleep
+        (0: look again at once; None: until something changes)."""
+        hosts = [h for h, queue in self._queues.items() if queue]
+        if not hosts:
+            return None
+        if self._total_running >= self._threads or len(self._done) >= self._max_ready:
+            return None
+        wake: Optional[float] = None
+        started = False
+        offset = rotation % len(hosts)
+        for host in hosts[offset:] + hosts[:offset]:
+            if self._total_running >= self._threads:
+                break
+            if self._running[host] >= self._politeness.capacity(host):
+                continue
+            if host in self._awaiting and \
+                    self._politeness.interval(host) > SPACING_WORTH_WAITING_S:
+                continue
+            wait = self._politeness.wait_before_send(host)
+            if wait > 0:
+                wake = wait if wake is None else min(wake, wait)
+                continue
+            job = self._queues[host].popleft()
+            if not self._queues[host]:
+                del self._queues[host]
+            self._queued -= 1
+            self._running[host] += 1
+            self._total_running += 1
+            self._awaiting[host] = job.id
+            self._pool.submit(self._run, job)
+            started = True
+        return 0.0 if started else wake
+
+    def _sent(self, job: Job) -> None:
+        with self._cond:
+            if self._awaiting.get(job.host) == job.id:
+                del self._awaiting[job.host]
+                self._cond.notify_all()
+
+    def _run(self, job: Job) -> None:
+        try:
+            result = self._fetcher.fetch(job.url, etag=job.etag,
+                                         last_modified=job.last_modified,
+                                         on_send=lambda: self._sent(job))
+        except BaseException as exc:  # fetch never raises; if it did, the job still ends
+            result = FetchResult(False, reason="internal_error", detail=repr(exc)[:300],
+                                 final_url=job.url)
+        with self._cond:
+            if self._awaiting.get(job.host) == job.id:
+                del self._awaiting[job.host]
+            self._running[job.host] -= 1
+            if not self._running[job.host]:
+                del self._running[job.host]
+            self._total_running -= 1
+            self._done.append((job, result))
+            self._cond.notify_all()

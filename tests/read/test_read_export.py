@@ -29,12 +29,14 @@ AMBLYOMMA_ZIP = ("gbif-samples",
 
 
 def _read_all(path: str):
+    """ReadArchive's outputs: media and occurrence rows keyed by the core id
+    (a string), the tally (failure rows, if any, are left out)."""
     media, occurrences, tally = [], [], collections.Counter()
     for out in ReadArchive().process(path):
         if isinstance(out, beam.pvalue.TaggedOutput):
             if out.tag == TALLY:
                 tally.update(out.value.value)
-            else:
+            elif out.tag == "occurrences":
                 occurrences.append(out.value)
         else:
             media.append(out)
@@ -49,12 +51,13 @@ def test_real_gbif_download_folder_and_zip(parts):
     # 199 occurrences have several images; every occurrence with images is found in the core.
     assert len({k for k, _ in media}) == len(occurrences) == 1074
     # The row with a trailing space in its gbifID (line 3 of multimedia.txt) is read.
-    assert any(k == 2803144270 for k, _ in media)
+    assert any(k == "2803144270" and m["gbifID"] == 2803144270 for k, m in media)
     by_id = dict(occurrences)
-    assert by_id[2803151307]["scientificName"] == "Amblyomma americanum Linnaeus, 1758"
-    assert by_id[2803151307]["taxonKey"] == "2184301"
-    assert by_id[2803151307]["datasetKey"] == "50c9509d-22c7-4a22-a47d-8c48425ef4a7"
-    first = dict(media)[2803151307]
+    assert by_id["2803151307"]["gbifID"] == 2803151307
+    assert by_id["2803151307"]["scientificName"] == "Amblyomma americanum Linnaeus, 1758"
+    assert by_id["2803151307"]["taxonKey"] == "2184301"
+    assert by_id["2803151307"]["datasetKey"] == "50c9509d-22c7-4a22-a47d-8c48425ef4a7"
+    first = dict(media)["2803151307"]
     assert first["identifier"].startswith("https://static.inaturalist.org/photos/80747453/")
     assert first["license"] == "http://creativecommons.org/licenses/by-nc/4.0/"
     assert first["creator"] == first["rightsHolder"] == "fred201"
@@ -172,7 +175,7 @@ def test_declared_enclosure_and_encoding_are_honoured():
 def test_read_export_transform_joins_occurrences():
     path = str(shared_path(*AMBLYOMMA_ZIP))
     with beam.Pipeline(runner="BundleBasedDirectRunner") as p:
-        tasks, tally = p | ReadExport(path)
+        tasks, failures, tally = p | ReadExport(path)
         keys = tasks | beam.Map(lambda t: (t["gbifID"], t["identifier"]))
         assert_that(keys | "Count" >> beam.combiners.Count.Globally(), equal_to([1362]),
                     label="all")
@@ -180,6 +183,9 @@ def test_read_export_transform_joins_occurrences():
                   | beam.Map(lambda t: (t["scientificName"], t["taxonKey"], t["creator"])))
         assert_that(sample, equal_to([("Amblyomma americanum Linnaeus, 1758", 2184301,
                                        "fred201")]), label="joined")
+        assert_that(tasks | beam.Filter(lambda t: t["coreID"] != str(t["gbifID"])),
+                    equal_to([]), label="core ids")
+        assert_that(failures, equal_to([]), label="no failures")
 
 
 def _occurrences(n: int):
@@ -202,7 +208,7 @@ def test_ragged_rows_are_read_when_usable_and_counted_when_not(tmp_path):
     export = write_dwca(str(tmp_path / "r.zip"), _occurrences(6), media,
                         extra_multimedia_lines=extra)
     rows, _, tally = _read_all(export)
-    assert sorted(k for k, _ in rows) == [700, 701, 704]
+    assert sorted(m["gbifID"] for _, m in rows) == [700, 701, 704]
     assert tally["skipped.ragged_row"] == 2
     assert tally["skipped.bad_gbif_id"] == 1
     assert tally["export.ragged_rows_read"] == 1
@@ -220,8 +226,8 @@ def test_associated_media_is_used_without_a_multimedia_extension(tmp_path):
     assert spec.multimedia is None and spec.image_source().location == "verbatim.txt"
     rows, occurrences, tally = _read_all(export)
     assert sorted((k, m["identifier"]) for k, m in rows) == [
-        (700, "http://h/a.jpg"), (700, "http://h/b.jpg"), (700, "http://h/c.jpg"),
-        (701, "http://h/d.jpg")]
+        ("700", "http://h/a.jpg"), ("700", "http://h/b.jpg"), ("700", "http://h/c.jpg"),
+        ("701", "http://h/d.jpg")]
     assert tally["export.rows"] == 4  # occurrence 702 lists no media: no image row at all
     assert "skipped.empty_identifier" not in tally
-    assert {k for k, _ in occurrences} == {700, 701}
+    assert {k for k, _ in occurrences} == {"700", "701"}

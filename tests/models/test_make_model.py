@@ -1,4 +1,4 @@
-"""Tests of the fungi-embedder stand-in, loaded the way users load the real one."""
+"""The fungi-embedder stand-ins as TF1 Hub modules, loaded the way users load the real one."""
 from __future__ import annotations
 
 import os
@@ -47,7 +47,7 @@ def inception_v4(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def test_architectures():
-    assert ARCHITECTURES == ("inception_v4", "tiny")
+    assert ARCHITECTURES == ("inception_v4", "tiny", "efficientnet_lite0")
 
 
 def test_tiny_files(tiny):

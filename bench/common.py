@@ -20,7 +20,8 @@ from typing import Callable, Iterator, Optional, Sequence
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from transforms.embed.tf_quiet import quiet_environment  # noqa: E402
+quiet_environment()
 
 FUNGI_IMAGES = os.path.join(os.path.dirname(ROOT), "shared", "data", "fungi-images")
 BIG_PHOTO = "mo_test_perf_unlabeled_small_gilled_mushroom.jpg"
@@ -59,6 +60,38 @@ def model(arch: str) -> str:
     return target
 
 
+def trained_model(fmt: str = "tf1hub") -> str:
+    """ImageNet EfficientNet-Lite0 (trained weights, `gbif-embed make-model --arch
+    efficientnet_lite0`) in `fmt`, built once into the cache folder: what every
+    fidelity figure is measured on (random weights amplify any change)."""
+    target = os.path.join(CACHE, "models", f"efficientnet_lite0-{fmt}")
+    if os.path.exists(target + ".complete"):  # beside it: not one of the model's files
+        return target
+    from pipeline.models.make_model import build_model
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix="lite0-", dir=os.path.dirname(target))
+    log(f"building ImageNet EfficientNet-Lite0 ({fmt}) in {target} ...")
+    build_model(os.path.join(scratch, "m"), "efficientnet_lite0", 1280, 0, fmt)
+    shutil.rmtree(target, ignore_errors=True)
+    os.rename(os.path.join(scratch, "m"), target)
+    open(target + ".complete", "w").close()
+    shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def nearest_unchanged(reference, candidate) -> tuple[int, int]:
+    """(photos whose nearest neighbour among the others is the same under both
+    embeddings, photos): retrieval is what the embeddings are for."""
+    import numpy as np
+
+    def nearest(vectors):
+        unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        similarity = unit @ unit.T
+        np.fill_diagonal(similarity, -np.inf)
+        return similarity.argmax(axis=1)
+    return int((nearest(reference) == nearest(candidate)).sum()), len(reference)
+
+
 _SERVER = r"""
 import sys, time
 sys.path.insert(0, sys.argv[2])
@@ -80,12 +113,22 @@ def read(name):
     with open(os.path.join(folder, name), "rb") as handle:
         return handle.read()
 
+served = [0]
+lock = threading.Lock()
+
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def log_message(self, *args):
         pass
     def do_GET(self):
         parts = urllib.parse.urlsplit(self.path)
+        if parts.path == "/__requests":  # how many requests for pictures it answered
+            body = str(served[0]).encode()
+            self.send_response(200); self.send_header("Content-Length", str(len(body)))
+            self.end_headers(); self.wfile.write(body)
+            return
+        with lock:
+            served[0] += 1
         try:
             body = read(os.path.basename(urllib.parse.unquote(parts.path))) + parts.query.encode()
         except OSError:
@@ -106,9 +149,15 @@ server.shutdown()
 
 
 class Server(str):
-    """The base URL of a running image server; `cpu_seconds()` is its CPU so far."""
+    """The base URL of a running image server; `cpu_seconds()` is its CPU so far,
+    `requests()` the requests for pictures it answered (the distinct server's)."""
 
     pid: int = 0
+
+    def requests(self) -> int:
+        import urllib.request
+        with urllib.request.urlopen(self + "__requests", timeout=10) as answer:
+            return int(answer.read())
 
     def cpu_seconds(self) -> float:
         try:
@@ -163,13 +212,14 @@ def pipeline_args(export: str, model_dir: str, output: str, batch_size: int,
 
 def tight_loop(embed: Callable, batches: Sequence, seconds: float = 10.0,
                min_calls: int = 4) -> float:
-    """images/s of `embed(batch).numpy()` over pre-built uint8 batches, after one
-    warm-up call, for at least `seconds` and `min_calls` calls."""
-    embed(batches[0]).numpy()
+    """images/s of `embed(batch)` (the loaded model's numpy-in, numpy-out call)
+    over pre-built uint8 batches, after one warm-up call, for at least
+    `seconds` and `min_calls` calls."""
+    embed(batches[0])
     images, calls, start = 0, 0, time.perf_counter()
     while calls < min_calls or time.perf_counter() - start < seconds:
         batch = batches[calls % len(batches)]
-        embed(batch).numpy()
+        embed(batch)
         images += len(batch)
         calls += 1
     return images / (time.perf_counter() - start)

@@ -30,7 +30,8 @@ from PIL import Image, ImageOps  # noqa: E402
 
 from bench import common  # noqa: E402
 from pipeline.machine import describe_cpu  # noqa: E402
-from transforms.embed.decode import SIZE, _to_rgb, decode_image  # noqa: E402
+from transforms.common.pictures import to_rgb as _to_rgb  # noqa: E402
+from transforms.embed.decode import SIZE, decode_image  # noqa: E402
 
 
 def full_decode(content: bytes, size: int = SIZE) -> np.ndarray:

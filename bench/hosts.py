@@ -57,7 +57,7 @@ def _plan(hosts: int, images: int, seed: int) -> tuple[list[Host], list[int]]:
 
 def _model_rate(model_dir: str, batch: int = 16) -> float:
     import numpy as np
-    from transforms.embed.inference import load
+    from transforms.embed.models import load
     embed = load(model_dir).embed
     batches = [np.zeros((batch, 299, 299, 3), np.uint8)]
     return tight_loop(embed, batches, seconds=3.0)

@@ -4,7 +4,7 @@ End-to-end images/s of the real pipeline (`pipeline.cli.run`: read the
 export, fetch every picture over HTTP from a loopback server in another
 process, decode, embed with the `inception_v4` stand-in, write Parquet,
 publish the snapshot) divided by the images/s of the same model
-(`transforms.embed.load`, the function the pipeline calls) at the same batch
+(`transforms.embed.models.load`, the function the pipeline calls) at the same batch
 size in a tight loop on pre-decoded uint8 batches, measured in this same
 process just before and just after the pipeline run (their mean is the
 reference, so machine noise hits both sides alike; each phase also prints
@@ -121,10 +121,10 @@ def main() -> None:
 
 
 def _measure(args, model_dir: str, export: str, output: str, batches) -> str:
-    import transforms.embed.inference as embed
+    from transforms.embed.models import load
 
     # The reference: the pipeline's own model function, in this process.
-    model = embed.load(model_dir)
+    model = load(model_dir)
     tight, runs = [], []
 
     def reference() -> None:
@@ -172,12 +172,12 @@ def _measure(args, model_dir: str, export: str, output: str, batches) -> str:
 def _run_pipeline(args, model_dir: str, export: str, output: str) -> dict:
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    import transforms.embed.inference as embed
-    from pipeline import cli
+    import transforms.embed.models as models
+    from pipeline import launch
 
     one_off = {"contract check": [], "report.html": []}
-    patches = [(embed, "check_contract", "contract check"),
-               (cli, "_write_report", "report.html")]
+    patches = [(models, "check_contract", "contract check"),
+               (launch, "_write_report", "report.html")]
     originals = {}
     for module, name, label in patches:
         if hasattr(module, name):
@@ -189,7 +189,7 @@ def _run_pipeline(args, model_dir: str, export: str, output: str) -> dict:
                   "--direct_running_mode", "multi_processing"]
     try:
         with common.Meter() as meter:
-            manifest = cli.run(PipelineOptions(common.pipeline_args(
+            manifest = launch.run(PipelineOptions(common.pipeline_args(
                 export, model_dir, output, args.batch_size, extra)))
     finally:
         for (module, name), original in originals.items():

@@ -1,7 +1,17 @@
-"""The pipeline graph: export → tasks → (reuse | fetch by host → decode → embed) → Parquet → snapshot.
+"""The pipeline graph: export → tasks → reuse | store | fetch → embed → Parquet → snapshot.
 
 Data flows one way; every stage sends what it could not do to the failures
 output, so each image row ends as an embedding, a failure or a counted skip.
+Fetching fills the image store and embedding reads copies from it: what the
+store (or the previous snapshot) already answers is never fetched again, and
+what a model embedded once is never embedded again.
+
+On the local runner a stage starts only when the one before has finished, so
+there the fetched copies are embedded in the fetching stage (fetching and
+inference overlap). On distributed runners fetched copies cross a shuffle
+keyed by content first, so that embedding spreads over every worker whatever
+the export's hosts, each content is embedded once for the whole job, and
+resource hints move the copies (tens of kB), not pixels.
 """
 from __future__ import annotations
 
@@ -9,64 +19,88 @@ from typing import Optional, Sequence
 
 import apache_beam as beam
 
+from pipeline.model_check import RunModel
 from pipeline.options import GbifEmbedOptions, fetch_config
+from transforms.common.records import NOT_MODIFIED
+from transforms.common.tally import MergeTallies
+from transforms.compare.refresh import CompareWithPrevious, SplitUnchanged
 from transforms.embed.dedup import SkipKnownContent
-from transforms.embed.decode import THUMBNAILS, DecodeImages
-from transforms.embed.inference import Embed, HubImageEmbedder
+from transforms.embed.inference import ImageEmbedder
+from transforms.embed.stage import ByContent, EmbedImages
 from transforms.fetch.stage import FetchImages
 from transforms.read.export import ReadExport
-from transforms.common.records import FAILURES, NOT_MODIFIED
-from transforms.compare.refresh import CompareWithPrevious, SplitUnchanged
-from transforms.write.snapshot import PublishSnapshot, join
-from transforms.common.tally import TALLY, MergeTallies
+from transforms.store.contents import ReadCachedEmbeddings, ReadStoredPictures
+from transforms.store.layout import ImageStore, cache_schema
+from transforms.store.lookup import LookupStore
 from transforms.write.parts import FAILURE_SCHEMA, THUMBNAIL_SCHEMA, WriteParquet, embedding_schema
+from transforms.write.snapshot import PublishSnapshot, join
 
 
 def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: dict,
-          model_fingerprint: str, inference_threads: int,
-          previous_folder: Optional[str] = None, resume_folders: Sequence[str] = ()) -> None:
+          model: RunModel, store: str, inference_threads: int, distributed: bool = False,
+          local_processes: int = 1, previous_folder: Optional[str] = None,
+          resume_folders: Sequence[str] = ()) -> None:
     folder = join(opts.output, snapshot)
-    schemas = {"embeddings": embedding_schema(opts.embedding_dim), "failures": FAILURE_SCHEMA,
+    every = (opts.checkpoint_rows, opts.checkpoint_seconds)
+    schemas = {"embeddings": embedding_schema(model.spec.width), "failures": FAILURE_SCHEMA,
                "thumbnails": THUMBNAIL_SCHEMA}
-    embedder = HubImageEmbedder(
-        opts.model, batch_size=opts.batch_size, threads=inference_threads,
-        precision=opts.precision,
-        resource_hints={"min_ram": opts.inference_min_ram, "accelerator": opts.accelerator})
+    cache_folder = ImageStore(store).cache_folder(model.fingerprint)
 
-    tasks, read_tally = p | "ReadExport" >> ReadExport(opts.export, opts.max_images)
-    to_fetch, reused, compare_tally = tasks | "CompareWithPrevious" >> CompareWithPrevious(
-        previous_folder, model_fingerprint, opts.revalidate, resume_folders)
-    fetched = to_fetch | "Fetch" >> FetchImages(fetch_config(opts), folder)
+    def embed_stage() -> EmbedImages:
+        stage = EmbedImages(
+            ImageEmbedder(opts.model, model.spec, batch_size=opts.batch_size,
+                          threads=inference_threads, precision=opts.precision),
+            model.fingerprint, snapshot, resize=opts.resize, size=model.spec.image_size,
+            max_pixels=opts.max_image_pixels, decode_threads=opts.decode_threads,
+            batch_size=opts.batch_size)
+        hints = {k: v for k, v in (("min_ram", opts.inference_min_ram),
+                                   ("accelerator", opts.accelerator)) if v}
+        return stage.with_resource_hints(**hints) if hints and distributed else stage
+
+    tasks, read_failures, read_tally = p | "ReadExport" >> ReadExport(opts.export,
+                                                                      opts.max_images)
+    to_do, reused, compare_tally = tasks | "CompareWithPrevious" >> CompareWithPrevious(
+        previous_folder, model.fingerprint, opts.revalidate, resume_folders)
+    if opts.refetch:
+        to_fetch, stored, cached, lookup_tally = to_do, *(
+            p | f"No{name}" >> beam.Create([]) for name in ("Stored", "Cached", "Lookup"))
+    else:
+        to_fetch, stored, cached, lookup_tally = to_do | "LookupStore" >> LookupStore(
+            store, cache_folder, use_cache=not opts.full)
+    fetched = to_fetch | "Fetch" >> FetchImages(fetch_config(opts, local_processes), store,
+                                                snapshot, every)
     changed, unchanged, split_tally = ((fetched.images, fetched[NOT_MODIFIED])
                                        | "SplitUnchanged" >> SplitUnchanged())
-    new, known, known_tally = changed | "SkipKnownContent" >> SkipKnownContent(
-        model_fingerprint, snapshot)
-    decoded = (new
-               | "Decode" >> beam.ParDo(DecodeImages(opts.resize, opts.max_image_pixels,
-                                                     opts.decode_threads,
-                                                     lookahead=2 * opts.batch_size,
-                                                     run=snapshot))
-               .with_outputs(FAILURES, TALLY, THUMBNAILS, main="pixels"))
-    rows, embed_failures, embed_tally = decoded.pixels | "Embed" >> Embed(
-        embedder, model_fingerprint, snapshot)
+    if distributed:
+        new, known, known_tally = changed | "ByContent" >> ByContent(), *(
+            p | f"No{name}" >> beam.Create([]) for name in ("Known", "KnownTally"))
+    else:
+        new, known, known_tally = changed | "SkipKnownContent" >> SkipKnownContent(
+            model.fingerprint, snapshot)
+    fresh = new | "EmbedFetched" >> embed_stage()
+    pictures, lost_pictures, pictures_tally = stored | "ReadStore" >> ReadStoredPictures()
+    from_store = pictures | "EmbedStored" >> embed_stage()
+    from_cache, lost_cached, cache_tally = cached | "ReadCache" >> ReadCachedEmbeddings(
+        model.fingerprint)
 
-    failures = ((fetched.failures, decoded.failures, embed_failures)
-                | "AllFailures" >> beam.Flatten())
     # Each input is written in the stage that makes it: on the local runner a
     # Flatten of PCollections from different stages holds every row in memory.
-    every = (opts.checkpoint_rows, opts.checkpoint_seconds)
-    written = (rows, known, reused, unchanged) | "WriteEmbeddings" >> WriteParquet(
-        folder, "embeddings", schemas["embeddings"], *every)
-    failed = failures | "WriteFailures" >> WriteParquet(folder, "failures", FAILURE_SCHEMA,
-                                                        *every)
-    thumbnails = decoded[THUMBNAILS] | "WriteThumbnails" >> WriteParquet(
-        folder, "thumbnails", THUMBNAIL_SCHEMA, *every)
-    tally = ((read_tally, compare_tally, fetched[TALLY], split_tally, known_tally,
-              decoded[TALLY], embed_tally,
-              failures | "CountFailures" >> beam.Map(
-                  lambda f: {f"failed.{f['stage']}.{f['reason']}": 1}))
+    write = {"embeddings": (fresh[0], from_store[0], from_cache, known, reused, unchanged),
+             "failures": (read_failures, fetched.failures, fresh[2], from_store[2],
+                          lost_pictures, lost_cached),
+             "thumbnails": (fresh[3], from_store[3])}
+    written = {kind: rows | f"Write{kind.title()}" >> WriteParquet(
+                   folder, kind, schemas[kind], *every) for kind, rows in write.items()}
+    cache_written = (fresh[1], from_store[1]) | "WriteEmbeddingCache" >> WriteParquet(
+        cache_folder, snapshot, cache_schema(model.spec.width), *every, in_parts=False)
+    failure_counts = [rows | f"CountFailures{i}" >> beam.Map(
+                          lambda f: {f"failed.{f['stage']}.{f['reason']}": 1})
+                      for i, rows in enumerate(write["failures"])]
+    tally = ((read_tally, compare_tally, lookup_tally, fetched.tally, split_tally, known_tally,
+              fresh[4], from_store[4], pictures_tally, cache_tally, *failure_counts)
              | "AllTallies" >> beam.Flatten()
              | "MergeTallies" >> beam.CombineGlobally(MergeTallies()))
-    written = (written, thumbnails) | "AllWritten" >> beam.Flatten()
-    _ = (written, failed, tally) | "Publish" >> PublishSnapshot(
+    done = ((written["embeddings"], written["thumbnails"], cache_written)
+            | "AllWritten" >> beam.Flatten())
+    _ = (done, written["failures"], tally) | "Publish" >> PublishSnapshot(
         opts.output, snapshot, manifest, schemas, opts.keep_snapshots)

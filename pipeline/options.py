@@ -22,14 +22,26 @@ class GbifEmbedOptions(PipelineOptions):
         # Inputs and outputs.
         add("--export", help="GBIF DwC-A download: a .zip or an unzipped folder, "
             "local or gs://")
-        add("--model", help="Folder of the TF1 Hub-format embedder (local or gs://)")
+        add("--model", help="The embedder, local or gs://: a TF1 Hub module or TF2 "
+            "SavedModel folder, or an ONNX file (or a folder holding one)")
         add("--output", help="Output folder (local or gs://); holds LATEST and snapshots")
-        add("--embedding_dim", type=int, default=256,
-            help="Width of the model's output vector")
+        add("--image_store", default="",
+            help="The image store (local or gs://): one copy of every fetched picture, "
+            "the URL index and each model's embedding cache, shared by every run and "
+            "model that names it (default: OUTPUT/store)")
+        add("--embedding_dim", type=int, default=0,
+            help="Check that the model's output has this width (0: whatever the model "
+            "gives)")
+        add("--image_size", type=int, default=0,
+            help="Picture size for a model whose input does not declare one (a "
+            "variable-size TF2 input; 0: the model's own, else 224, and the run says so)")
+        add("--normalize", choices=("unit", "imagenet", "clip"), default="unit",
+            help="Input values the model expects: unit: RGB in [0,1] (TF Hub's "
+            "convention); imagenet or clip: their published mean/std after [0,1]")
         add("--batch_size", type=int, default=16, help="Images per inference call")
         add("--resize", choices=("squash", "center_crop"), default="squash",
-            help="squash: the whole image to 299x299; center_crop: the central "
-            "square, then 299x299")
+            help="squash: the whole image to the model's size (299x299 for fungi_V2); "
+            "center_crop: the central square, then the model's size")
         add("--precision", choices=("float32", "bfloat16"), default="float32",
             help="bfloat16 uses oneDNN mixed precision where the CPU supports it")
         add("--inference_threads", type=int, default=0,
@@ -72,9 +84,14 @@ class GbifEmbedOptions(PipelineOptions):
             help="Decoding threads per worker process")
         # Refreshing.
         add("--full", action="store_true", default=False,
-            help="Redo every image instead of reusing the previous snapshot")
+            help="Embed every image again instead of reusing the previous snapshot or "
+            "the embedding cache (pictures still come from the image store; add "
+            "--refetch to ask the hosts again)")
         add("--revalidate", action="store_true", default=False,
             help="Ask hosts whether reused images changed (conditional requests)")
+        add("--refetch", action="store_true", default=False,
+            help="Fetch every image again instead of reading the image store "
+            "(the store keeps the new copies)")
         add("--keep_snapshots", type=int, default=0,
             help="Keep this many snapshots, pruning older ones (0: keep all)")
         # Keeping finished work.
@@ -95,10 +112,13 @@ class GbifEmbedOptions(PipelineOptions):
             "thumbnails the runs kept while decoding (0: no pictures)")
         add("--quiet", action="store_true", default=False,
             help="No progress display and no summary on the terminal")
+        add("--verbose", action="store_true", default=False,
+            help="Also show TensorFlow's own start-up and log lines")
 
 
-def fetch_config(opts: Any) -> FetchConfig:
-    """The fetch stage's configuration from the parsed options."""
+def fetch_config(opts: Any, min_shards: int = 1) -> FetchConfig:
+    """The fetch stage's configuration from the parsed options; `min_shards`:
+    the local runner's worker processes (see FetchConfig)."""
     if not isinstance(opts, GbifEmbedOptions):
         opts = opts.view_as(GbifEmbedOptions)
     return FetchConfig(
@@ -111,6 +131,8 @@ def fetch_config(opts: Any) -> FetchConfig:
         fetch_timeout=opts.fetch_timeout,
         max_redirects=opts.max_redirects,
         max_image_bytes=opts.max_image_bytes,
+        max_image_pixels=opts.max_image_pixels,
+        min_shards=max(1, min_shards),
         # --user_agent is Beam's own option (SetupOptions); unset means ours.
         user_agent=opts.view_as(SetupOptions).user_agent or DEFAULT_USER_AGENT,
         allow_private_networks=opts.allow_private_networks or (),

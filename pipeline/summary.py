@@ -43,6 +43,13 @@ def format_summary(manifest: dict, output: str, report: Optional[str] = None) ->
                      f"{counts['rows_sharing_a_fetch'] + counts['distinct_urls_fetched']:,} "
                      f"rows; {counts['contents_reused']:,} images took the embedding of the "
                      f"same content; {counts['inferences']:,} inferences")
+    if counts.get("from_store") or counts.get("from_embedding_cache") or \
+            counts.get("stored_bytes"):
+        lines.append(f"store      {manifest.get('image_store', '')}: "
+                     f"{counts.get('from_store', 0):,} rows embedded from stored pictures, "
+                     f"{counts.get('from_embedding_cache', 0):,} from the embedding cache "
+                     f"(no request to any host for either); "
+                     f"{counts.get('stored_bytes', 0) / 1e6:,.1f} MB of new pictures stored")
     lines.append(_throughput(manifest))
     phases = (manifest.get("timings") or {}).get("phases")
     if phases:

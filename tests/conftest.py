@@ -34,6 +34,16 @@ def tiny_model(tmp_path_factory) -> str:
     return path
 
 
+@pytest.fixture(scope="session")
+def lite0_models(tmp_path_factory) -> dict[str, str]:
+    """ImageNet EfficientNet-Lite0 (trained weights, from the `models` extra) in
+    each format the pipeline accepts, built once per test session."""
+    from pipeline.models.make_model import build_model
+    root = tmp_path_factory.mktemp("lite0")
+    return {fmt: build_model(str(root / fmt), "efficientnet_lite0", 1280, 0, fmt)
+            for fmt in ("tf1hub", "tf2", "onnx")}
+
+
 def shared_path(*parts: str) -> pathlib.Path:
     """A file of ../shared/data, or a skip that says why (third-party data is never
     copied into the repository, so without ../shared these tests cannot run)."""

@@ -23,7 +23,8 @@ from pipeline.demo.sample_data import (
     write_dwca,
 )
 from tests.conftest import LOOPBACK
-from transforms.embed.inference import ModelError, fingerprint
+from transforms.embed.model_files import fingerprint
+from transforms.embed.spec import ModelError
 from transforms.write.snapshot import read_latest, read_manifest
 from transforms.write.parts import FAILURE_SCHEMA, embedding_schema
 
@@ -132,14 +133,15 @@ def test_a_model_that_does_not_fit_fails_at_launch(tmp_path, tiny_model):
     with pytest.raises(ModelError, match=r"expected output 'default' float32 \[None, 256\].*"
                                          r"found float32 \[None, 128\]"):
         run(PipelineOptions(["--export", export, "--model", wide, "--output",
-                             str(tmp_path / "out")]))
+                             str(tmp_path / "out"), "--embedding_dim", "256"]))
     assert not os.path.exists(tmp_path / "out")
     with pytest.raises(ModelError, match="withdrawn from TF Hub on 2024-03-18"):
         run(PipelineOptions(["--export", export, "--output", str(tmp_path / "out"), "--model",
                              "https://tfhub.dev/svampeatlas/vision/embedder/fungi_V2/1"]))
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ModelError, match="expected a TF1 Hub-format module"):
+    with pytest.raises(ModelError, match=r"expected a TF1 Hub module \(tfhub_module.pb\), a "
+                                         r"TF2 SavedModel \(saved_model.pb\) or one .onnx file"):
         run(PipelineOptions(["--export", export, "--model", str(empty), "--output",
                              str(tmp_path / "out")]))
 

@@ -28,8 +28,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.tools.query import (GALLERY_BLOCK, QUERY_BLOCK, Neighbours, Snapshot, iter_batches,
-                            iter_blocks, open_snapshot, search, vectors_at)
+from pipeline.tools.query import (GALLERY_BLOCK, QUERY_BLOCK, Neighbours, Snapshot, id_columns,
+                                  iter_batches, iter_blocks, occurrence_ids, open_snapshot,
+                                  search, vectors_at)
 from transforms.write.snapshot import join, write_atomically
 
 EVALUATION = "evaluation.json"
@@ -45,7 +46,8 @@ class EvaluationError(ValueError):
 
 
 def read_labels(snapshot: Snapshot, label: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per gallery row: gbifID and an integer label code (-1: no label).
+    """Per gallery row: its occurrence (a number, `occurrence_ids`) and an
+    integer label code (-1: no label).
 
     Streamed and coded batch by batch, so only two integers per row are kept.
     """
@@ -53,8 +55,8 @@ def read_labels(snapshot: Snapshot, label: str) -> tuple[np.ndarray, np.ndarray]
         raise EvaluationError(f"--label must be one of {', '.join(LABELS)}, not {label!r}")
     codes: dict = {}
     ids, labels = [], []
-    for _, batch in iter_batches(snapshot.files, ["gbifID", label]):
-        ids.append(batch.column("gbifID").fill_null(-1).to_numpy(zero_copy_only=False))
+    for _, batch in iter_batches(snapshot.files, [*id_columns(snapshot.files), label]):
+        ids.append(occurrence_ids(batch))
         column = batch.column(label)
         if pa.types.is_string(column.type):  # an empty name is no name
             column = pc.if_else(pc.equal(column, ""), pa.scalar(None, column.type), column)

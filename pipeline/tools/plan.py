@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import fsspec
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -29,9 +29,12 @@ from pipeline.options import GbifEmbedOptions, fetch_config
 from transforms.fetch.config import FetchConfig, fetch_url, host_of
 from transforms.fetch.politeness import shard_budgets
 from transforms.read.export import Archive, image_rows, read_spec
+from transforms.store.copies import BYTES_PER_STORED_PICTURE
 from transforms.common.tally import Tally
 
 TOP_HOSTS = 20
+NO_RATE = ("not measured: pass --model PATH (measured here for a few seconds) or "
+           "--images_per_second_per_vcpu X (measured elsewhere) for the compute part")
 BATCH = 16
 BF16_FLAGS = {"avx512_bf16", "amx_bf16"}  # as `run` requires for --precision bfloat16
 NOT_MODELLED = ("not modelled: start-up (workers, model loading), retries and back-off "
@@ -51,22 +54,31 @@ def lower_bound_s(urls: int, rate: float) -> float:
     return urls / rate if rate > 0 else 0.0
 
 
-def estimate(compute_vcpu_s: float, slowest_host_s: float, workers: int,
+def estimate(compute_vcpu_s: Optional[float], slowest_host_s: float, workers: int,
              vcpus_per_worker: int) -> dict:
-    """Wall time, vCPU-hours and the useful worker count for N workers of M vCPUs.
+    """Wall time, vCPU-hours and the useful worker count for N workers of M vCPUs,
+    for a first run and for a model change (which reads the image store).
 
-    Fetching and inference overlap, so the wall time is the larger of the
-    slowest host's bound and the compute time; workers beyond the point where
-    compute fits in the slowest host's time only add idle vCPU-hours.
+    Fetching and inference overlap, and inference spreads over every vCPU
+    (behind a shuffle keyed by content on distributed runners), so a first
+    run's wall time is the larger of the slowest host's bound and the compute
+    time; workers beyond the point where compute fits in the slowest host's
+    time only add idle vCPU-hours. A model change asks no host: compute only.
+    Without a model rate only the hosts' bound is known.
     """
     vcpus = workers * vcpus_per_worker
+    if compute_vcpu_s is None:
+        return {"compute_s": None, "wall_s": slowest_host_s,
+                "vcpu_hours": slowest_host_s * vcpus / 3600, "useful_workers_max": None,
+                "bound_by": "host", "model_change_s": None, "model_change_vcpu_hours": None}
     compute_s = compute_vcpu_s / vcpus
     wall_s = max(slowest_host_s, compute_s)
     useful = (max(1, math.ceil(compute_vcpu_s / (slowest_host_s * vcpus_per_worker)))
               if slowest_host_s > 0 else None)
     return {"compute_s": compute_s, "wall_s": wall_s, "vcpu_hours": wall_s * vcpus / 3600,
             "useful_workers_max": useful,
-            "bound_by": "host" if slowest_host_s >= compute_s else "compute"}
+            "bound_by": "host" if slowest_host_s >= compute_s else "compute",
+            "model_change_s": compute_s, "model_change_vcpu_hours": compute_vcpu_s / 3600}
 
 
 @dataclass
@@ -111,21 +123,25 @@ def count_export(export: str, config: FetchConfig, max_images: int = 0) -> Expor
                         {k: v for k, v in counts.items() if k.startswith("skipped.")})
 
 
-def measure_rate(model: str, precision: str, seconds: float) -> tuple[float, float, float]:
+def measure_rate(model: str, precision: str, seconds: float, normalize: str = "unit",
+                 image_size: int = 0) -> tuple[float, float, float]:
     """(images/s of the whole machine, seconds measured, cores other processes
     used meanwhile): the model on uint8 noise at batch 16 after one warm-up
     call, as the run calls it. A busy machine measures low, hence the third."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import numpy as np
-    from transforms.embed.inference import INPUT_SHAPE, configure_tensorflow, load
-    configure_tensorflow(0, precision)
-    embed = load(model).embed
-    batch = np.random.default_rng(0).integers(0, 256, (BATCH, *INPUT_SHAPE), dtype=np.uint8)
-    embed(batch).numpy()
+    from transforms.embed.model_files import localize, model_format
+    from transforms.embed.models import load
+    from transforms.embed.precision import configure_tensorflow
+    if model_format(localize(model), model) != "onnx":
+        configure_tensorflow(0, precision)
+    loaded = load(model, normalize, image_size)
+    embed, size = loaded.embed, loaded.spec.image_size
+    batch = np.random.default_rng(0).integers(0, 256, (BATCH, size, size, 3), dtype=np.uint8)
+    embed(batch)
     images, start = 0, time.perf_counter()
     busy, own = machine.busy_cpu_seconds(), time.process_time()
     while images < 2 * BATCH or time.perf_counter() - start < seconds:
-        embed(batch).numpy()
+        embed(batch)
         images += BATCH
     elapsed = time.perf_counter() - start
     others = machine.busy_cpu_seconds() - busy - (time.process_time() - own)
@@ -162,18 +178,33 @@ def format_plan(plan: dict, config: FetchConfig) -> str:
     if rate > 0:
         lines.append(f"  a host answering slower than {in_flight / rate:.2f} s per image is "
                      f"slower still: it gets {in_flight} ÷ latency requests/s")
-    lines.append(f"compute: {plan['distinct_urls']:,} images (distinct URLs: an upper bound on "
-                 f"distinct contents) ÷ {plan['rate_per_vcpu']:.2f} images/s per vCPU "
-                 f"({plan['rate_source']}) = {plan['compute_vcpu_s'] / 3600:,.2f} vCPU-hours")
     n, m = plan["workers"], plan["vcpus_per_worker"]
-    pace = (f"{plan['slowest_host']} sets the pace" if plan["bound_by"] == "host"
-            else "the CPUs set the pace")
-    useful = plan["useful_workers_max"]
-    lines.append(f"{plural(n, 'worker')} x {m} vCPUs: wall >= {duration(plan['wall_s'])} ({pace}; "
-                 f"compute alone {duration(plan['compute_s'])}), "
-                 f"{plan['vcpu_hours']:,.2f} vCPU-hours; "
-                 + (f"more than {plural(useful, 'worker')} of {m} vCPUs do not help" if useful
-                    else "no host rate limit: more workers always help"))
+    if plan["compute_vcpu_s"] is None:
+        lines.append(f"compute: {plan['rate_source']}")
+        lines.append(f"{plural(n, 'worker')} x {m} vCPUs: wall >= "
+                     f"{duration(plan['wall_s'])} ({plan['slowest_host']} sets the pace at the "
+                     f"least; the compute part is not known)")
+    else:
+        lines.append(f"compute: {plan['distinct_urls']:,} images (distinct URLs: an upper bound "
+                     f"on distinct contents) ÷ {plan['rate_per_vcpu']:.2f} images/s per vCPU "
+                     f"({plan['rate_source']}) = {plan['compute_vcpu_s'] / 3600:,.2f} "
+                     f"vCPU-hours, spread over every vCPU")
+        pace = (f"{plan['slowest_host']} sets the pace" if plan["bound_by"] == "host"
+                else "the CPUs set the pace")
+        useful = plan["useful_workers_max"]
+        lines.append(f"first run, {plural(n, 'worker')} x {m} vCPUs: wall >= "
+                     f"{duration(plan['wall_s'])} ({pace}; compute alone "
+                     f"{duration(plan['compute_s'])}), {plan['vcpu_hours']:,.2f} vCPU-hours; "
+                     + (f"more than {plural(useful, 'worker')} of {m} vCPUs do not help"
+                        if useful else "no host rate limit: more workers always help"))
+        lines.append(f"a model change (pictures from the image store, no host asked): "
+                     f"compute only, {duration(plan['model_change_s'])} on "
+                     f"{plural(n, 'worker')} x {m} vCPUs, "
+                     f"{plan['model_change_vcpu_hours']:,.2f} vCPU-hours")
+    lines.append(f"image store: {plan['distinct_urls']:,} pictures x "
+                 f"~{plan['store_bytes_per_picture'] / 1024:.0f} kB = "
+                 f"~{plan['store_bytes'] / 1e9:,.2f} GB (one copy per content, shorter side "
+                 f"at most 320 px)")
     lines.append(NOT_MODELLED)
     return "\n".join(lines)
 
@@ -204,10 +235,6 @@ def _check(args: argparse.Namespace, opts: GbifEmbedOptions) -> None:
     given = args.images_per_second_per_vcpu
     if not opts.export:
         raise ValueError("--export is required: a GBIF DwC-A download (.zip or folder)")
-    if given is None and not opts.model:
-        raise ValueError("plan needs the model's speed: --images_per_second_per_vcpu X "
-                         "(images/s per vCPU, measured elsewhere) or --model PATH "
-                         "(measured here for a few seconds)")
     if (given is not None and given <= 0) or args.workers < 1 or args.vcpus_per_worker < 1:
         raise ValueError("--images_per_second_per_vcpu, --workers and --vcpus_per_worker "
                          "must be positive")
@@ -217,11 +244,14 @@ def _check(args: argparse.Namespace, opts: GbifEmbedOptions) -> None:
                          "use --precision float32, or --images_per_second_per_vcpu")
 
 
-def _rate(args: argparse.Namespace, opts: GbifEmbedOptions) -> tuple[float, str]:
-    """images/s per vCPU, and where the figure comes from."""
+def _rate(args: argparse.Namespace, opts: GbifEmbedOptions) -> tuple[Optional[float], str]:
+    """images/s per vCPU, and where the figure comes from (None: not known)."""
     if args.images_per_second_per_vcpu is not None:
         return args.images_per_second_per_vcpu, "--images_per_second_per_vcpu"
-    total, seconds, others = measure_rate(opts.model, opts.precision, args.measure_seconds)
+    if not opts.model:
+        return None, NO_RATE
+    total, seconds, others = measure_rate(opts.model, opts.precision, args.measure_seconds,
+                                          opts.normalize, opts.image_size)
     cpus = os.cpu_count() or 1
     return total / cpus, (f"measured here: {total:.2f} images/s on {cpus} vCPUs, "
                           f"{opts.precision}, batch {BATCH}, {seconds:.1f} s; other "
@@ -239,7 +269,7 @@ def plan_command(argv: Sequence[str]) -> int:
     bounds = {h: lower_bound_s(n, job_rate(config, h)) for h, n in hosts}
     slowest = max(bounds, key=bounds.__getitem__, default=None)
     distinct = sum(counts.urls_by_host.values())
-    compute_vcpu_s = distinct / rate
+    compute_vcpu_s = distinct / rate if rate else None
     plan = {"export": opts.export,
             "cpu": {"model": machine.cpu_model(), "vector_flags": machine.vector_flags(),
                     "vcpus": os.cpu_count(), "description": machine.describe_cpu()},
@@ -252,6 +282,8 @@ def plan_command(argv: Sequence[str]) -> int:
             "slowest_host": slowest,
             "rate_per_vcpu": rate, "rate_source": source, "compute_vcpu_s": compute_vcpu_s,
             "workers": args.workers, "vcpus_per_worker": args.vcpus_per_worker,
+            "store_bytes": distinct * BYTES_PER_STORED_PICTURE,
+            "store_bytes_per_picture": BYTES_PER_STORED_PICTURE,
             **estimate(compute_vcpu_s, bounds.get(slowest, 0.0), args.workers,
                        args.vcpus_per_worker),
             "not_modelled": NOT_MODELLED}

@@ -14,6 +14,7 @@ compare vectors of different spaces.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Sequence
@@ -33,7 +34,7 @@ GBIF_OCCURRENCE_URL = "https://www.gbif.org/occurrence/{gbif_id}"
 QUERY_BLOCK = 1024      # queries scored at once
 GALLERY_BLOCK = 8192    # gallery rows read and scored at once
 # Columns a result row carries: enough to show, credit and link the picture.
-RESULT_COLUMNS = ("gbifID", "scientificName", "taxonKey", "identifier", "creator",
+RESULT_COLUMNS = ("coreID", "gbifID", "occurrenceID", "scientificName", "taxonKey", "identifier", "creator",
                   "rightsHolder", "license", "image_sha256")
 # FetchConfig fields that are run options of the same name.
 _FETCH_OPTIONS = ("fetch_concurrency", "per_host_concurrency", "per_host_rate",
@@ -102,17 +103,48 @@ def iter_batches(files: Sequence[str], columns: Sequence[str],
 
 @dataclass
 class Block:
-    """Consecutive gallery rows: their first global row number, ids and unit vectors."""
+    """Consecutive gallery rows: their first global row number, occurrence ids
+    (`occurrence_ids`) and unit vectors."""
     start: int
-    gbif_ids: np.ndarray   # [n] int64
+    gbif_ids: np.ndarray   # [n] int64: one number per occurrence
     vectors: np.ndarray    # [n, dim] float32, L2-normalized
+
+
+def id_columns(files: Sequence[str]) -> list[str]:
+    """The columns that name a row's occurrence: coreID (and gbifID), or only
+    gbifID in snapshots written before core ids were kept."""
+    if not files:
+        return ["gbifID"]
+    with fsspec.open(files[0], "rb") as handle:
+        names = pq.ParquetFile(handle).schema_arrow.names
+    return ["coreID", "gbifID"] if "coreID" in names else ["gbifID"]
+
+
+def occurrence_number(core_id: Optional[str]) -> int:
+    """An int64 naming an occurrence by its core id (any archive's: a gbifID or
+    a publisher's occurrenceID), so that search compares numbers."""
+    if not core_id:
+        return -1
+    digest = hashlib.blake2b(str(core_id).encode("utf-8", "surrogatepass"), digest_size=8)
+    return int.from_bytes(digest.digest(), "big") >> 1
+
+
+def occurrence_ids(batch: pa.RecordBatch) -> np.ndarray:
+    """One int64 per row naming its occurrence (rows of one occurrence share it)."""
+    if "coreID" in batch.schema.names:
+        core = batch.column("coreID").to_pylist()
+        gbif = batch.column("gbifID").to_pylist() if "gbifID" in batch.schema.names else \
+            [None] * len(core)
+        return np.array([occurrence_number(c or (None if g is None else str(g)))
+                         for c, g in zip(core, gbif)], np.int64)
+    gbif = batch.column("gbifID").to_pylist()
+    return np.array([occurrence_number(None if g is None else str(g)) for g in gbif], np.int64)
 
 
 def iter_blocks(files: Sequence[str], block_rows: int = GALLERY_BLOCK) -> Iterator[Block]:
     """The gallery, streamed block by block."""
-    for start, batch in iter_batches(files, ["gbifID", "embedding"], block_rows):
-        ids = batch.column("gbifID").fill_null(-1).to_numpy(zero_copy_only=False)
-        yield Block(start, ids.astype(np.int64),
+    for start, batch in iter_batches(files, [*id_columns(files), "embedding"], block_rows):
+        yield Block(start, occurrence_ids(batch),
                     normalize(embedding_matrix(batch.column("embedding"))))
 
 
@@ -287,17 +319,26 @@ def snapshot_fingerprints(snapshot: Snapshot) -> set[str]:
     return found
 
 
+def _run_spec(snapshot: Snapshot):
+    """The model's input options as the run recorded them (the legacy contract
+    for snapshots made before specs were recorded)."""
+    from pipeline.model_check import spec_of_manifest
+    return spec_of_manifest(snapshot.manifest.get("model") or {})
+
+
 def check_model(snapshot: Snapshot, model_uri: str) -> str:
     """The model's fingerprint; refuses a model whose vectors the rows are not from."""
-    from transforms.embed.inference import fingerprint, localize
+    from transforms.embed.model_files import fingerprint, localize
+    from transforms.embed.spec import embedder_fingerprint
     try:
         local = localize(model_uri)
     except Exception as err:
         raise QueryError(f"cannot use the model {model_uri}: {err}") from err
-    if not os.path.isdir(local) or not os.listdir(local):
-        raise QueryError(f"the model folder {model_uri} does not exist or is empty; pass "
+    if not os.path.exists(local) or (os.path.isdir(local) and not os.listdir(local)):
+        raise QueryError(f"the model {model_uri} does not exist or is empty; pass "
                          "--model PATH with the model this snapshot was made with")
-    found = fingerprint(local)
+    resize = (snapshot.manifest.get("options") or {}).get("resize") or "squash"
+    found = embedder_fingerprint(fingerprint(local), _run_spec(snapshot), resize)
     stored = snapshot_fingerprints(snapshot)
     if stored != {found}:
         raise QueryError(
@@ -312,10 +353,13 @@ def check_model(snapshot: Snapshot, model_uri: str) -> str:
 def embed_image(content: bytes, snapshot: Snapshot, model_uri: str) -> np.ndarray:
     """Bytes → unit embedding, by the pipeline's decoder, resize mode and model."""
     from transforms.embed.decode import DecodeError, decode_image
-    from transforms.embed.inference import configure_tensorflow, cpu_supports_bfloat16, load
+    from transforms.embed.models import load
+    from transforms.embed.precision import configure_tensorflow, cpu_supports_bfloat16
     options = snapshot.manifest.get("options") or {}
+    spec = _run_spec(snapshot)
     try:
         pixels, _, _ = decode_image(content, options.get("resize") or "squash",
+                                    spec.image_size,
                                     max_pixels=options.get("max_image_pixels") or 100_000_000)
     except DecodeError as err:
         raise QueryError(f"the query picture cannot be used: {err.reason}: {err.detail}") \
@@ -323,9 +367,11 @@ def embed_image(content: bytes, snapshot: Snapshot, model_uri: str) -> np.ndarra
     precision = options.get("precision") or "float32"
     if precision == "bfloat16" and not cpu_supports_bfloat16():
         precision = "float32"
-    configure_tensorflow(0, precision)
-    model = load(model_uri)
-    return normalize(model.embed(pixels[None]).numpy())[0]
+    if spec.format != "onnx":
+        configure_tensorflow(0, precision)
+    model = load(model_uri, spec.normalize,
+                 spec.image_size if spec.size_from != "model" else 0)
+    return normalize(model.embed(pixels[None]))[0]
 
 
 # ---------------------------------------------------------------- the command
@@ -338,30 +384,44 @@ class QueryResult:
     query_row: Optional[dict]         # the stored row, for --gbif_id
     query_content: Optional[bytes]    # the picture's bytes, for --image
     neighbours: list[dict]            # RESULT_COLUMNS + rank, similarity, link
-    excluded_gbif_id: Optional[int] = None
+    excluded_gbif_id: Optional[str] = None  # the query's occurrence, as shown
     source: Optional[str] = None      # the --image path or URL
 
 
-def stored_query(snapshot: Snapshot, gbif_id: int) -> tuple[int, dict]:
-    """The row of an occurrence's first image (smallest identifier: stable between runs)."""
+def stored_query(snapshot: Snapshot, gbif_id: Optional[int] = None,
+                 core_id: Optional[str] = None) -> tuple[int, dict]:
+    """The row of an occurrence's first image (smallest identifier: stable
+    between runs), named by its gbifID or by its archive's core id."""
+    wanted = occurrence_number(core_id if core_id is not None else str(gbif_id))
     matches: list[tuple[str, int]] = []
-    for start, batch in iter_batches(snapshot.files, ["gbifID", "identifier"]):
-        ids = batch.column("gbifID").fill_null(-1).to_numpy(zero_copy_only=False)
+    for start, batch in iter_batches(snapshot.files,
+                                     [*id_columns(snapshot.files), "identifier"]):
+        if gbif_id is not None and "gbifID" in batch.schema.names:
+            hits = np.flatnonzero(batch.column("gbifID").fill_null(-1)
+                                  .to_numpy(zero_copy_only=False) == gbif_id)
+        else:
+            hits = np.flatnonzero(occurrence_ids(batch) == wanted)
         identifiers = batch.column("identifier")
-        matches += [(identifiers[int(i)].as_py() or "", start + int(i))
-                    for i in np.flatnonzero(ids == gbif_id)]
+        matches += [(identifiers[int(i)].as_py() or "", start + int(i)) for i in hits]
     if not matches:
-        raise QueryError(f"gbifID {gbif_id} has no embedding in {snapshot.name}")
+        named = f"gbifID {gbif_id}" if core_id is None else f"core id {core_id}"
+        raise QueryError(f"{named} has no embedding in {snapshot.name}")
     row = min(matches)[1]
     return row, rows_at(snapshot.files, [row])[0]
 
 
+def occurrence_of(row: dict) -> str:
+    """How a row's occurrence is shown: its gbifID where it has one, else its core id."""
+    return str(row["gbifID"]) if row.get("gbifID") is not None else str(row.get("coreID"))
+
+
 def query(output: str, *, image: Optional[str] = None, gbif_id: Optional[int] = None,
-          k: int = 10, model: Optional[str] = None,
+          core_id: Optional[str] = None, k: int = 10, model: Optional[str] = None,
           allow_private_networks: str = "") -> QueryResult:
     """The k stored images most similar to a picture or to an occurrence's image."""
-    if (image is None) == (gbif_id is None):
-        raise QueryError("give exactly one of --image PATH_OR_URL and --gbif_id N")
+    if sum(x is not None for x in (image, gbif_id, core_id)) != 1:
+        raise QueryError("give exactly one of --image PATH_OR_URL, --gbif_id N and "
+                         "--core_id ID")
     if k < 1:
         raise QueryError("--k must be at least 1")
     snapshot = open_snapshot(output)
@@ -375,25 +435,34 @@ def query(output: str, *, image: Optional[str] = None, gbif_id: Optional[int] = 
         vector, exclude, query_row = embed_image(content, snapshot, model_uri), None, None
         description = f"image {image}"
     else:
-        row, query_row = stored_query(snapshot, gbif_id)
-        vector, exclude, content = vectors_at(snapshot.files, [row])[0], gbif_id, None
-        description = f"gbifID {gbif_id} ({query_row['identifier']})"
+        row, query_row = stored_query(snapshot, gbif_id, core_id)
+        exclude = occurrence_number(query_row.get("coreID") or str(query_row["gbifID"]))
+        vector, content = vectors_at(snapshot.files, [row])[0], None
+        named = f"gbifID {gbif_id}" if gbif_id is not None else f"core id {core_id}"
+        description = f"{named} ({query_row['identifier']})"
     found = search(vector[None], iter_blocks(snapshot.files), k,
                    query_ids=None if exclude is None else np.array([exclude], np.int64))
     return QueryResult(snapshot, description, query_row, content,
-                       neighbour_rows(snapshot, found.rows[0], found.scores[0]), exclude, image)
+                       neighbour_rows(snapshot, found.rows[0], found.scores[0]),
+                       None if query_row is None else occurrence_of(query_row), image)
 
 
 def neighbour_rows(snapshot: Snapshot, rows: np.ndarray, scores: np.ndarray) -> list[dict]:
     """Search results as rows to show: stored columns, rank, similarity, GBIF link."""
     valid = [(int(r), float(s)) for r, s in zip(rows, scores) if r >= 0]
     stored = rows_at(snapshot.files, [r for r, _ in valid])
-    return [dict(row, rank=rank, similarity=score, link=occurrence_link(row["gbifID"]))
+    return [dict(row, rank=rank, similarity=score, link=occurrence_link(row))
             for rank, (row, (_, score)) in enumerate(zip(stored, valid), start=1)]
 
 
-def occurrence_link(gbif_id: int) -> str:
-    return GBIF_OCCURRENCE_URL.format(gbif_id=gbif_id)
+def occurrence_link(row) -> str:
+    """GBIF's page of the row's occurrence; a publisher's id when GBIF has not
+    indexed it (a dataset's own archive): that id when it is a web address."""
+    gbif_id = row.get("gbifID") if isinstance(row, dict) else row
+    if gbif_id is not None:
+        return GBIF_OCCURRENCE_URL.format(gbif_id=gbif_id)
+    own = (row.get("occurrenceID") or row.get("coreID") or "") if isinstance(row, dict) else ""
+    return own if own.startswith(("http://", "https://")) else ""
 
 
 def format_results(result: QueryResult) -> str:
@@ -403,11 +472,13 @@ def format_results(result: QueryResult) -> str:
     if result.excluded_gbif_id is not None:
         lines.append(f"(other images of occurrence {result.excluded_gbif_id} are left out)")
     width = max([len(_clip(r.get("scientificName") or "–")) for r in result.neighbours] + [14])
-    lines.append(f"{'#':>3}  {'similarity':>10}  {'gbifID':>12}  {'scientificName':<{width}}  "
-                 "GBIF occurrence page")
+    ids = max([len(occurrence_of(r)) for r in result.neighbours] + [12])
+    lines.append(f"{'#':>3}  {'similarity':>10}  {'occurrence':>{ids}}  "
+                 f"{'scientificName':<{width}}  occurrence page")
     for row in result.neighbours:
-        lines.append(f"{row['rank']:>3}  {row['similarity']:>10.4f}  {row['gbifID']:>12}  "
-                     f"{_clip(row.get('scientificName') or '–'):<{width}}  {row['link']}")
+        lines.append(f"{row['rank']:>3}  {row['similarity']:>10.4f}  "
+                     f"{occurrence_of(row):>{ids}}  "
+                     f"{_clip(row.get('scientificName') or '–'):<{width}}  {row['link'] or '–'}")
     return "\n".join(lines)
 
 

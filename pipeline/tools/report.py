@@ -36,8 +36,9 @@ import fsspec
 import numpy as np
 from PIL import Image, ImageOps
 
-from pipeline.tools.query import (QueryResult, Snapshot, image_url, iter_blocks, occurrence_link,
-                            open_snapshot, rows_at, run_fetch_config, search, vectors_at)
+from pipeline.tools.query import (QueryResult, Snapshot, id_columns, image_url, iter_blocks,
+                                  occurrence_link, occurrence_number, open_snapshot, rows_at,
+                                  run_fetch_config, search, vectors_at)
 from pipeline.tools.thumbnails import data_uri, has_store, kept_thumbnails, with_thumbnail
 from transforms.fetch.config import FetchConfig
 from transforms.fetch.fetcher import Fetcher
@@ -196,7 +197,7 @@ def neighbour_sample(snapshot: Snapshot, queries: int = SAMPLE_QUERIES,
     sample = []
     for i, row in enumerate(rows):
         hits = [dict(stored[int(r)], rank=rank, similarity=float(score),
-                     link=occurrence_link(stored[int(r)]["gbifID"]))
+                     link=occurrence_link(stored[int(r)]))
                 for rank, (r, score) in enumerate(zip(found.rows[i], found.scores[i]), start=1)
                 if r >= 0]
         sample.append((stored[row], hits))
@@ -204,8 +205,12 @@ def neighbour_sample(snapshot: Snapshot, queries: int = SAMPLE_QUERIES,
 
 
 def read_gbif_ids(snapshot: Snapshot, rows: Sequence[int]) -> np.ndarray:
-    """The gbifIDs of some gallery rows, in the order asked for."""
-    return np.array([r["gbifID"] for r in rows_at(snapshot.files, rows, ["gbifID"])], np.int64)
+    """The occurrences of some gallery rows (as `occurrence_ids` numbers them),
+    in the order asked for."""
+    columns = id_columns(snapshot.files)
+    return np.array([occurrence_number(r.get("coreID") or (
+        None if r.get("gbifID") is None else str(r["gbifID"])))
+        for r in rows_at(snapshot.files, rows, columns)], np.int64)
 
 
 # ---------------------------------------------------------------- HTML pieces
@@ -308,8 +313,10 @@ def figure(row: dict, thumb: Optional[Thumbnail], *, key: str = "", query: bool 
         same = query_label is not None and row.get("scientificName") == query_label
         top = (f'<span class="sim">{row["similarity"]:.3f}</span>'
                + ('<span class="tag">same name</span>' if same else "&nbsp;"))
-    gbif = (f'<a href="{_e(occurrence_link(row["gbifID"]))}">gbifID {_e(row["gbifID"])}</a>'
-            if row.get("gbifID") is not None else "uploaded picture")
+    link = occurrence_link(row) if row.get("gbifID") is not None or row.get("coreID") else ""
+    named = (f"gbifID {row['gbifID']}" if row.get("gbifID") is not None
+             else f"{row.get('coreID')}" if row.get("coreID") else "uploaded picture")
+    gbif = f'<a href="{_e(link)}">{_e(named)}</a>' if link else _e(named)
     return (f'<figure class="{"query" if query else "hit"}">{picture}<figcaption>{top}'
             f'<span class="name">{_e(row.get("scientificName") or "no name")}</span>'
             f"{gbif}</figcaption></figure>")

@@ -66,7 +66,8 @@ def kept_thumbnails(snapshot: Snapshot) -> dict[str, bytes]:
                if sha in present and sha not in kept}
     if carried:
         write_table_atomically(join(snapshot.folder, CARRIED), pa.table(
-            {"gbifID": pa.nulls(len(carried), pa.int64()),
+            {"coreID": pa.nulls(len(carried), pa.string()),
+             "gbifID": pa.nulls(len(carried), pa.int64()),
              "identifier": pa.nulls(len(carried), pa.string()),
              "image_sha256": list(carried), "thumbnail": list(carried.values())},
             schema=THUMBNAIL_SCHEMA))

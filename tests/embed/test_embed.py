@@ -1,5 +1,5 @@
-"""The embed handler: loading through hub.load, the launch-time contract check
-and its messages, batching, fingerprints and precision. Behaviour, not speed."""
+"""The embed handler and transform: batching, failures, rows, fingerprints and
+precision. Behaviour, not speed. (Formats and the contract check: test_models.py.)"""
 from __future__ import annotations
 
 import os
@@ -13,10 +13,13 @@ import tensorflow as tf
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 
-import transforms.embed.inference as embed
+import transforms.embed.precision as precision
 from pipeline.models.make_model import build_model
-from transforms.embed.inference import (Embed, HubImageEmbedder, ModelError, check_contract,
-                              configure_tensorflow, fingerprint, load)
+from transforms.embed.inference import Embed, ImageEmbedder
+from transforms.embed.model_files import fingerprint
+from transforms.embed.models import load
+from transforms.embed.precision import configure_tensorflow
+from transforms.embed.spec import ModelSpec
 from transforms.write.parts import WriteParquet, embedding_schema
 
 tf1 = tf.compat.v1
@@ -32,66 +35,11 @@ def _pictures(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, 299, 299, 3), np.uint8)
 
 
-def _module(path: str, *, input_key: str = "images", dtype=tf.float32,
-            shape=(None, 299, 299, 3), output_key: str = "default", width: int = 256,
-            signatures=("default", "image_feature_vector")) -> str:
-    """A small TF1 Hub-format module whose contract can be wrong on purpose."""
-    with tf.Graph().as_default():
-        images = tf1.placeholder(dtype, list(shape), name=input_key)
-        pooled = tf.reduce_mean(tf.cast(images, tf.float32),
-                                axis=list(range(1, len(shape) - 1)))
-        weights = tf1.get_variable("w", [shape[-1], width],
-                                   initializer=tf1.ones_initializer())
-        out = tf.matmul(pooled, weights)
-        info = tf1.saved_model.utils.build_tensor_info
-        signature = tf1.saved_model.signature_def_utils.build_signature_def(
-            inputs={input_key: info(images)}, outputs={output_key: info(out)})
-        with tf1.Session() as session:
-            session.run(tf1.global_variables_initializer())
-            builder = tf1.saved_model.Builder(path)
-            builder.add_meta_graph_and_variables(
-                session, tags=[], signature_def_map={name: signature for name in signatures})
-            builder.save()
-    with open(os.path.join(path, "tfhub_module.pb"), "wb") as handle:
-        handle.write(b"\x08\x03")
-    return path
+SPEC = ModelSpec(format="tf1hub", image_size=299, layout="NHWC", width=256)
 
 
-# ------------------------------------------------------------------ the contract check
-
-def test_the_stand_in_passes_the_contract_check(tiny):
-    check_contract(tiny, 256)
-
-
-def test_wrong_width_says_expected_and_found(tiny):
-    with pytest.raises(ModelError, match=r"expected output 'default' float32 \[None, 128\] "
-                                         r"\(--embedding_dim 128\); found float32 \[None, 256\]"):
-        check_contract(tiny, 128)
-
-
-@pytest.mark.parametrize("kwargs, message", [
-    ({"input_key": "pixels"}, r"expected the input key 'images' in .*; found \['pixels'\]"),
-    ({"dtype": tf.uint8}, r"expected input 'images' float32 \[None, 299, 299, 3\]; "
-                          r"found uint8 \[None, 299, 299, 3\]"),
-    ({"shape": (None, 224, 224, 3)}, r"expected input 'images' float32 \[None, 299, 299, 3\]; "
-                                     r"found float32 \[None, 224, 224, 3\]"),
-    ({"output_key": "embedding"}, r"expected the output key 'default' in .*; "
-                                  r"found \['embedding'\]"),
-    ({"signatures": ("serving_default",)}, r"expected a signature named image_feature_vector "
-                                           r"or default in .*; found \['serving_default'\]"),
-])
-def test_a_model_that_does_not_fit_is_refused_with_what_was_found(tmp_path, kwargs, message):
-    path = _module(str(tmp_path / "module"), **kwargs)
-    with pytest.raises(ModelError, match=message):
-        check_contract(path, 256)
-
-
-def test_a_folder_without_a_model_and_a_withdrawn_address(tmp_path):
-    with pytest.raises(ModelError, match="expected a TF1 Hub-format module or SavedModel "
-                                         "folder at .*; loading it failed"):
-        load(str(tmp_path))
-    with pytest.raises(ModelError, match="withdrawn from TF Hub on 2024-03-18"):
-        load("https://tfhub.dev/svampeatlas/vision/embedder/fungi_V2/1")
+def _handler(path: str, batch_size: int) -> ImageEmbedder:
+    return ImageEmbedder(path, SPEC, batch_size=batch_size)
 
 
 # ------------------------------------------------------------------ loading and calling
@@ -102,14 +50,14 @@ def test_load_scales_uint8_inside_the_graph(tiny):
     pictures = _pictures(3)
     direct = model.module.signatures["image_feature_vector"](
         images=tf.constant(pictures.astype(np.float32) / 255.0))["default"].numpy()
-    assert np.allclose(model.embed(pictures).numpy(), direct, atol=1e-5)
+    assert np.allclose(model.embed(pictures), direct, atol=1e-5)
 
 
 def test_one_trace_for_every_batch_size(tiny):
     model = load(tiny)
     for n in (1, 3, 16, 5):
         assert model.embed(_pictures(n)).shape == (n, 256)
-    assert model.embed.experimental_get_tracing_count() == 1
+    assert model._embed.experimental_get_tracing_count() == 1
 
 
 def test_a_model_is_loaded_once_per_process_until_its_files_change(tiny, tmp_path):
@@ -125,7 +73,7 @@ def test_a_model_is_loaded_once_per_process_until_its_files_change(tiny, tmp_pat
 
 
 def test_batches_give_the_rows_one_by_one_gives(tiny):
-    handler = HubImageEmbedder(tiny, batch_size=4)
+    handler = _handler(tiny, 4)
     model = handler.load_model()
     pictures = list(_pictures(5, seed=1))
     together = handler.run_inference(pictures, model)
@@ -144,12 +92,12 @@ def _image(i: int, pixels: np.ndarray) -> dict:
 
 
 def test_embed_transform_batches_and_drops_the_pixels(tiny):
-    handler = HubImageEmbedder(tiny, batch_size=4)
+    handler = _handler(tiny, 4)
     pictures = _pictures(10, seed=2)
-    expected = load(tiny).embed(pictures).numpy()
+    expected = load(tiny).embed(pictures)
     decoded = [_image(i, pictures[i]) for i in range(10)]
     with beam.Pipeline(runner="BundleBasedDirectRunner") as p:
-        rows, failures, _ = (p | beam.Create(decoded)
+        rows, failures, _, _ = (p | beam.Create(decoded)
                              | Embed(handler, "sha256:test"))
         assert_that(rows | beam.Map(lambda r: (
             r["gbifID"], "pixels" in r, r["model_fingerprint"],
@@ -161,11 +109,11 @@ def test_embed_transform_batches_and_drops_the_pixels(tiny):
 def test_a_failed_batch_becomes_failure_rows(tiny):
     """A batch the model cannot take ends as inference_error rows, not a crash
     (nor a hang: the model still answers from another thread afterwards)."""
-    handler = HubImageEmbedder(tiny, batch_size=2)
+    handler = _handler(tiny, 2)
     bad = [dict(_image(i, np.zeros((10, 10, 3), np.uint8)), http_status=200, attempts=1)
            for i in range(2)]
     with beam.Pipeline(runner="BundleBasedDirectRunner") as p:
-        rows, failures, _ = p | beam.Create(bad) | Embed(handler, "sha256:test")
+        rows, failures, _, _ = p | beam.Create(bad) | Embed(handler, "sha256:test")
         assert_that(rows, equal_to([]), label="rows")
         assert_that(failures | beam.Map(lambda f: (f["gbifID"], f["stage"], f["reason"])),
                     equal_to([(0, "embed", "inference_error"), (1, "embed", "inference_error")]),
@@ -175,19 +123,19 @@ def test_a_failed_batch_becomes_failure_rows(tiny):
         handler.run_inference([np.zeros((299, 299, 3), np.float32)], handler.load_model())
     import concurrent.futures
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        call = pool.submit(lambda: load(tiny).embed(_pictures(1)).numpy())
+        call = pool.submit(lambda: load(tiny).embed(_pictures(1)))
         assert call.result(timeout=60).shape == (1, 256)
 
 
 def test_rows_are_written_where_they_are_made(tiny, tmp_path):
     """WriteParquet takes several PCollections and writes each without a Flatten."""
-    handler = HubImageEmbedder(tiny, batch_size=4)
+    handler = _handler(tiny, 4)
     pictures = _pictures(6, seed=3)
     decoded = [_image(i, pictures[i]) for i in range(6)]
     reused = [{"gbifID": 100, "identifier": "old", "embedding": np.ones(256, np.float32)}]
     folder = str(tmp_path / "snapshot")
     with beam.Pipeline(runner="BundleBasedDirectRunner") as p:
-        rows, _, _ = p | "Decoded" >> beam.Create(decoded) | Embed(handler, "sha256:test")
+        rows, _, _, _ = p | "Decoded" >> beam.Create(decoded) | Embed(handler, "sha256:test")
         old = p | "Reused" >> beam.Create(reused)
         written = (rows, old) | WriteParquet(folder, "embeddings", embedding_schema())
         assert_that(written | beam.Map(lambda w: w[1]) | beam.combiners.ToList()
@@ -225,30 +173,30 @@ def test_precision_is_a_process_option_that_can_be_switched_back():
 
 
 def test_threads_cannot_change_once_tensorflow_runs(tiny, caplog):
-    load(tiny).embed(_pictures(1)).numpy()  # TensorFlow's runtime is up
+    load(tiny).embed(_pictures(1))  # TensorFlow's runtime is up
     configure_tensorflow(1, "float32")
     assert "keep their sizes" in caplog.text
 
 
-@pytest.mark.skipif(not embed.cpu_supports_bfloat16(), reason="needs AVX512-BF16 or AMX")
+@pytest.mark.skipif(not precision.cpu_supports_bfloat16(), reason="needs AVX512-BF16 or AMX")
 def test_bfloat16_embeddings_stay_close_to_float32(tiny):
     model = load(tiny)
     pictures = _pictures(4, seed=4)
-    full = model.embed(pictures).numpy()
+    full = model.embed(pictures)
     try:
         configure_tensorflow(0, "bfloat16")
-        half = model.embed(pictures).numpy()
+        half = model.embed(pictures)
     finally:
         configure_tensorflow(0, "float32")
     cosine = (full * half).sum(1) / np.linalg.norm(full, axis=1) / np.linalg.norm(half, axis=1)
     assert cosine.min() > 0.999
     assert not np.array_equal(full, half)  # it did run in bfloat16
-    assert np.array_equal(model.embed(pictures).numpy(), full)  # and float32 is back
+    assert np.array_equal(model.embed(pictures), full)  # and float32 is back
 
 
 def test_bfloat16_is_refused_on_a_cpu_without_it(tmp_path, tiny, monkeypatch):
     from pipeline.cli import UsageError, run
-    monkeypatch.setattr(embed, "cpu_supports_bfloat16", lambda: False)
+    monkeypatch.setattr(precision, "cpu_supports_bfloat16", lambda: False)
     with pytest.raises(UsageError, match=r"--precision bfloat16 needs a CPU with AVX512-BF16 "
                                          r"or AMX .*use --precision float32"):
         run(PipelineOptions(["--export", str(tmp_path / "e.zip"), "--model", tiny,
@@ -264,5 +212,5 @@ def test_cpu_flags_are_read_from_proc_cpuinfo(monkeypatch, tmp_path):
         cpuinfo.write_text(f"processor : 0\nflags : {flags}\n")
         monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(
             cpuinfo if path == "/proc/cpuinfo" else path, *a, **k))
-        assert embed.cpu_supports_bfloat16() is expected
+        assert precision.cpu_supports_bfloat16() is expected
         monkeypatch.setattr(builtins, "open", real_open)

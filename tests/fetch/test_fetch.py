@@ -633,25 +633,3 @@ def test_fetch_images_in_a_beam_pipeline(server):
     [latency] = result.metrics().query(
         MetricsFilter().with_namespace("fetch").with_name("latency_ms"))["distributions"]
     assert latency.committed.count == 6
-
-
-def test_a_retried_bundle_fetches_only_what_its_run_has_not_written(server, tmp_path):
-    """Rows an earlier attempt of this run closed into parts are not fetched again."""
-    from transforms.write.parts import FAILURE_SCHEMA, embedding_schema, parts_folder, to_table
-    from transforms.write.parts import write_table_atomically
-    import datetime
-    import numpy as np
-    folder = str(tmp_path / "snapshot-run")
-    urls = [server.add(f"/r/{i}.jpg", JPEG) for i in range(6)]
-    tasks = [_task(str(i), url) for i, url in enumerate(urls)]
-    done = [dict(tasks[i], gbifID=i, embedding=np.zeros(256, np.float32),
-                 embedded_at=datetime.datetime.now(datetime.timezone.utc)) for i in (0, 1)]
-    write_table_atomically(f"{parts_folder(folder)}/embeddings-a.parquet",
-                           to_table(done, embedding_schema()))
-    write_table_atomically(f"{parts_folder(folder)}/failures-a.parquet", to_table(
-        [dict(gbifID=2, identifier=urls[2], stage="fetch", reason="http_404")], FAILURE_SCHEMA))
-    with beam.Pipeline(runner=FnApiRunner()) as pipeline:
-        outputs = pipeline | beam.Create(tasks) | FetchImages(config(), folder)
-        assert_that(outputs.images | beam.Map(lambda r: r["tasks"][0]["gbifID"]),
-                    equal_to(["3", "4", "5"]))
-    assert [server.hits(f"/r/{i}.jpg") for i in range(6)] == [0, 0, 0, 1, 1, 1]

@@ -1,8 +1,7 @@
 """A dataset's own archive, as an IPT publishes it: keyed by its occurrenceID.
 
-Its rows join by the core id string; gbifID is None where the archive has
-none, and such rows are skipped as bad_gbif_id (`has_row_key`) until the
-rest of the pipeline keys rows by coreID, which the second test plays.
+Its rows join by the core id string and are keyed by it; gbifID is None
+where the archive has none.
 """
 from __future__ import annotations
 
@@ -26,24 +25,14 @@ from tests.read.archives import (
     write,
     write_ipt_archive,
 )
-from transforms.read import export, images
 from transforms.read.export import Archive, read_identity, read_spec
 
 FORMS = ["zip", "folder"]
 CC_BY = "http://creativecommons.org/licenses/by/4.0/legalcode"
 
 
-@pytest.fixture
-def keyed_by_core_id(monkeypatch):
-    """The pipeline as it will be: a row needs a core id, not a gbifID."""
-    def has_core_id(task: dict) -> bool:
-        return task.get("coreID") is not None
-    monkeypatch.setattr(images, "has_row_key", has_core_id)
-    monkeypatch.setattr(export, "has_row_key", has_core_id)
-
-
 @pytest.mark.parametrize("form", FORMS)
-def test_ipt_archive_is_read_and_today_skipped_as_bad_gbif_id(tmp_path, form):
+def test_ipt_archive_is_read_with_its_identity(tmp_path, form):
     path = write_ipt_archive(str(tmp_path / ("ipt.zip" if form == "zip" else "ipt")),
                              ipt_occurrences(6, "http://h/"), form == "zip")
     with Archive(path) as archive:
@@ -52,12 +41,13 @@ def test_ipt_archive_is_read_and_today_skipped_as_bad_gbif_id(tmp_path, form):
     assert spec.core.index("gbifID") is None and spec.image_source().location == "multimedia.txt"
     assert (identity["doi"], identity["download_key"]) == ("10.15468/ipt123", "ipt-dataset")
     result = read_tasks(path)
-    assert result.tally["export.rows"] == result.tally["skipped.bad_gbif_id"] == 9
+    assert result.tally["export.rows"] == len(result.tasks) == 9
+    assert result.tally["skipped.bad_gbif_id"] == 0
     assert accounted(result) == 9 and not result.failures
 
 
 @pytest.mark.parametrize("form", FORMS)
-def test_ipt_rows_join_by_the_core_id_string(tmp_path, form, keyed_by_core_id):
+def test_ipt_rows_join_by_the_core_id_string(tmp_path, form):
     occurrences = ipt_occurrences(6, "http://h/")
     path = write_ipt_archive(str(tmp_path / ("ipt.zip" if form == "zip" else "ipt")),
                              occurrences, form == "zip")
@@ -85,14 +75,17 @@ def test_gbif_id_from_a_core_column_that_is_not_the_id(tmp_path):
                  ["urn:x:1", "http://h/1.jpg"], ["urn:x:2", "http://h/2.jpg"],
                  ["urn:x:3", "http://h/3.jpg"]])}
     result = read_tasks(write(str(tmp_path / "g.zip"), files))
-    assert [(t["gbifID"], t["coreID"]) for t in result.tasks] == [(4001, "urn:x:1")]
-    assert result.tally["skipped.bad_gbif_id"] == 2 and accounted(result) == 3
+    # Keyed by the core id; the gbifID is kept where the occurrence gives a valid
+    # one, null where it is malformed or the occurrence row is missing.
+    assert sorted((t["coreID"], t["gbifID"]) for t in result.tasks) == [
+        ("urn:x:1", 4001), ("urn:x:2", None), ("urn:x:3", None)]
+    assert accounted(result) == 3
 
 
 AC = "http://rs.tdwg.org/ac/terms/"
 
 
-def test_audubon_core_multimedia(tmp_path, keyed_by_core_id):
+def test_audubon_core_multimedia(tmp_path):
     """accessURI is the picture (dc:identifier may be an id); types as DCMI URIs."""
     files = ipt_files(ipt_occurrences(2, "http://h/"))
     terms = (DC + "identifier", AC + "accessURI", DC + "type",
@@ -109,7 +102,7 @@ def test_audubon_core_multimedia(tmp_path, keyed_by_core_id):
     assert result.tally["skipped.not_still_image"] == 1
 
 
-def test_associated_media_in_an_ipt_core(tmp_path, keyed_by_core_id):
+def test_associated_media_in_an_ipt_core(tmp_path):
     terms = (DWC + "occurrenceID", DWC + "scientificName", DWC + "associatedMedia")
     core = Decl("occurrence.txt", OCCURRENCE, terms)
     files = {"meta.xml": meta_xml(core), "occurrence.txt": table(header_of(terms), [

@@ -142,7 +142,9 @@ def test_images_of_the_same_occurrence_are_not_neighbours(tmp_path):
     queries = vectors_at(snapshot.files, [0])
     found = search(queries, iter_blocks(snapshot.files), 2)
     assert found.rows[0].tolist() == [0, 1]  # without the rule the twin would come first
-    found = search(queries, iter_blocks(snapshot.files), 2, query_ids=np.array([1]))
+    from pipeline.tools.query import occurrence_number  # occurrences are numbered by core id
+    found = search(queries, iter_blocks(snapshot.files), 2,
+                   query_ids=np.array([occurrence_number("1")]))
     assert found.rows[0].tolist() == [2, 3]
 
 

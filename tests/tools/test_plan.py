@@ -81,9 +81,12 @@ def test_flags_mean_what_they_mean_for_run(export, tmp_path):
 def test_wall_time_vcpu_hours_and_useful_workers(export, tmp_path):
     assert estimate(100.0, 10.0, 2, 4) == {
         "compute_s": 12.5, "wall_s": 12.5, "vcpu_hours": 12.5 * 8 / 3600,
-        "useful_workers_max": 3, "bound_by": "compute"}
+        "useful_workers_max": 3, "bound_by": "compute",
+        # A model change reads the store: compute only, spread over the 8 vCPUs.
+        "model_change_s": 12.5, "model_change_vcpu_hours": 100.0 / 3600}
     host_bound = estimate(100.0, 40.0, 2, 4)
     assert host_bound["wall_s"] == 40.0 and host_bound["bound_by"] == "host"
+    assert host_bound["model_change_s"] == 12.5  # the host does not bound a model change
     assert host_bound["useful_workers_max"] == 1
     assert estimate(100.0, 0.0, 1, 1)["useful_workers_max"] is None
 
@@ -110,9 +113,17 @@ def test_missing_export_fails_like_run(tmp_path):
                       "--images_per_second_per_vcpu", "1"])
 
 
-def test_needs_a_rate_or_a_model(export):
-    with pytest.raises(ValueError, match="--images_per_second_per_vcpu X .* or --model PATH"):
-        plan_command(["--export", export])
+def test_without_a_rate_it_gives_the_hosts_and_says_how_to_get_the_rest(export, tmp_path,
+                                                                        capsys):
+    plan = _plan(export, tmp_path)
+    out = capsys.readouterr().out
+    assert plan["compute_vcpu_s"] is None and plan["rate_per_vcpu"] is None
+    assert plan["wall_s"] == plan["top_hosts"][0]["lower_bound_s"] > 0
+    assert "pass --model PATH" in out and "--images_per_second_per_vcpu X" in out
+    assert plan["store_bytes"] == plan["distinct_urls"] * plan["store_bytes_per_picture"]
+
+
+def test_flags_that_give_no_plan(export):
     with pytest.raises(ValueError, match="--export is required"):
         plan_command(["--images_per_second_per_vcpu", "1"])
     with pytest.raises(ValueError, match="must be positive"):

@@ -8,7 +8,7 @@ from pipeline.cli import run
 from pipeline.demo.demo import serve_folder
 from pipeline.demo.sample_data import make_sample
 from tests.conftest import LOOPBACK
-from transforms.embed.inference import fingerprint
+from transforms.embed.model_files import fingerprint
 from transforms.write.snapshot import read_latest
 
 

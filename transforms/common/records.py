@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-# Keys of an image task as read from the export (all but gbifID may be None).
+# Keys of an image task as read from the export. coreID is the archive's core
+# id (a GBIF download's gbifID, or a publisher's own id such as an
+# occurrenceID); gbifID is set where the archive has one; others may be None.
 TASK_FIELDS = (
-    "gbifID", "identifier", "occurrenceID", "datasetKey", "taxonKey",
+    "coreID", "gbifID", "identifier", "occurrenceID", "datasetKey", "taxonKey",
     "scientificName", "license", "rightsHolder", "creator",
 )
 
@@ -23,9 +25,19 @@ FAILURES = "failures"   # tag of every stage's dead-letter output
 NOT_MODIFIED = "not_modified"  # tag of fetches answered 304 on revalidation
 
 
-def key_of(row: dict) -> tuple[int, str]:
-    """The key of an image row: (gbifID, identifier)."""
-    return (int(row["gbifID"]), row["identifier"])
+def core_id_of(row: dict) -> str:
+    """The row's core id; rows written before core ids were kept have only a
+    gbifID, which was their archive's core id (a GBIF download's)."""
+    core_id = row.get("coreID")
+    if core_id:
+        return str(core_id)
+    gbif_id = row.get("gbifID")
+    return "" if gbif_id is None else str(int(gbif_id))
+
+
+def key_of(row: dict) -> tuple[str, str]:
+    """The key of an image row: (coreID, identifier)."""
+    return (core_id_of(row), row["identifier"])
 
 
 def failure(task: dict, stage: str, reason: str, detail: str = "",
@@ -36,6 +48,7 @@ def failure(task: dict, stage: str, reason: str, detail: str = "",
     users can group by; `detail` is the human-readable explanation.
     """
     return {
+        "coreID": core_id_of(task) or None,
         "gbifID": task.get("gbifID"),
         "identifier": task.get("identifier"),
         "stage": stage,

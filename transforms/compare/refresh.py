@@ -152,7 +152,7 @@ class CompareWithPrevious(beam.PTransform):
             grouped["previous"] = p | "PreviousEmbeddings" >> ReadSnapshot(
                 self._folder, "embeddings")
             grouped["failed"] = p | "PreviousFailures" >> ReadSnapshot(
-                self._folder, "failures", columns=["gbifID", "identifier"])
+                self._folder, "failures", columns=["coreID", "gbifID", "identifier"])
         else:
             grouped["previous"] = p | "NoPrevious" >> beam.Create([])
             grouped["failed"] = p | "NoPreviousFailures" >> beam.Create([])

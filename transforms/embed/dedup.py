@@ -16,7 +16,6 @@ inference is counted as `embed.inferred`).
 from __future__ import annotations
 
 import collections
-import datetime
 import threading
 import time
 from typing import Iterable, Optional
@@ -28,14 +27,13 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
+from transforms.common.images import embedding_rows
 from transforms.common.tally import TALLY
 
 KNOWN = "known"
 CACHE_ENTRIES = 20_000  # about 20 MB of 256-float embeddings per process
 HOLD_S = 10.0           # how long an image waits for its twin's embedding
 MAX_HELD = 256          # images held at once per DoFn (they hold their bytes)
-# Keys of an image that describe one fetch, not one row.
-_TRANSIENT_TASK_KEYS = ("revalidate", "previous")
 
 
 class _Cache:
@@ -99,18 +97,7 @@ def _start(key: tuple) -> bool:
         return True
 
 
-def rows_of(image: dict, vector: np.ndarray, fingerprint: str) -> list[dict]:
-    """One embedding row per row (task) of the image; the image's own fields
-    (sha256, size, validators) win over the task's."""
-    fields = {k: v for k, v in image.items() if k not in ("tasks", "pixels", "content")}
-    embedded_at = datetime.datetime.now(datetime.timezone.utc)
-    rows = []
-    for task in image["tasks"]:
-        row = {k: v for k, v in task.items() if k not in _TRANSIENT_TASK_KEYS}
-        row.update(fields, embedding=vector, model_fingerprint=fingerprint,
-                   embedded_at=embedded_at)
-        rows.append(row)
-    return rows
+rows_of = embedding_rows  # one embedding row per row (task) of an image
 
 
 class _SkipKnown(beam.DoFn):

@@ -31,6 +31,11 @@ class FetchConfig:
     fetch_timeout: float = 120.0
     max_redirects: int = 5
     max_image_bytes: int = 30 * 1024 * 1024
+    max_image_pixels: int = 100_000_000
+    # Shards a host's limits are split into at least (when its limits allow):
+    # the local runner's worker processes, so that every one of them fetches
+    # and embeds even for a one-host export.
+    min_shards: int = 1
     user_agent: str = DEFAULT_USER_AGENT
     allow_private_networks: tuple[str, ...] = ()
     image_source: str = "identifier"
@@ -60,6 +65,11 @@ class FetchConfig:
         """(concurrency, rate) allowed to one host for the whole job."""
         return self.host_overrides().get(host, (self.per_host_concurrency,
                                                 self.per_host_rate))
+
+    def shard_budgets(self, host: str) -> list:
+        """The host's job-wide limits split into its shards' budgets."""
+        from transforms.fetch.politeness import shard_budgets
+        return shard_budgets(*self.host_limits(host), at_least=self.min_shards)
 
 
 def parse_mirrors(value: str) -> tuple[tuple[str, str], ...]:

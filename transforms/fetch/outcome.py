@@ -35,6 +35,8 @@ class FetchResult:
     elapsed_s: float = 0.0
     image_format: Optional[str] = None
     requests: int = 0  # HTTP requests sent, redirect hops included
+    sha256: Optional[str] = None  # of the fetched bytes, once they are dropped for a copy
+    nbytes: int = 0
 
 
 @dataclass

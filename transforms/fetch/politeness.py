@@ -23,7 +23,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 THROTTLE_STATUSES = frozenset({429, 503})
 MIN_RATE = 0.1            # requests/s: a throttled host still sees progress
@@ -43,15 +43,19 @@ class Budget:
     rate: float  # requests/s; 0 means no rate limit
 
 
-def shard_budgets(concurrency: int, rate: float) -> list[Budget]:
-    """A host's job-wide (concurrency, rate) split into equal shards that never
-    add up to more, in requests in flight or in requests in any 1-second window.
+def shard_budgets(concurrency: int, rate: float, at_least: int = 1) -> list[Budget]:
+    """A host's job-wide (concurrency, rate) split into shards that never add
+    up to more, in requests in flight or in requests in any 1-second window.
 
     Each shard needs a whole slot and a whole number of requests per second
-    (so that the shards' 1-second windows add up to at most floor(rate)), and
-    equal shares keep a host's shards equally long whatever limits them. So
+    (so that the shards' 1-second windows add up to at most floor(rate)).
+    Equal shares keep a host's shards equally long whatever limits them, so
     there are gcd(concurrency, floor(rate)) shards: 4 at the defaults (8, 20),
-    each (2, 5); one when the rate is below 1/s or the two share no divisor.
+    each (2, 5). Where that is fewer than `at_least` (the local runner's
+    processes: (7, 20) has a gcd of 1), there are min(concurrency, floor(rate),
+    at_least) shards of near-equal shares instead (7, 20 for 2 processes:
+    (4, 10) and (3, 10)); the fetch stage gives each shard URLs in proportion
+    to its rate. One shard when the rate is below 1/s.
     """
     concurrency = max(1, int(concurrency))
     if rate <= 0:  # no rate limit: shards split the concurrency only
@@ -60,7 +64,15 @@ def shard_budgets(concurrency: int, rate: float) -> list[Budget]:
         return [Budget(concurrency, float(rate))]
     whole = int(math.floor(rate + 1e-9))
     n = math.gcd(concurrency, whole)
-    return [Budget(concurrency // n, float(whole // n))] * n
+    if n >= at_least:
+        return [Budget(concurrency // n, float(whole // n))] * n
+    n = min(concurrency, whole, max(1, int(at_least)))
+    return [Budget(_share(concurrency, n, i), float(_share(whole, n, i))) for i in range(n)]
+
+
+def _share(total: int, n: int, i: int) -> int:
+    """The i-th of n whole shares of total, as equal as they can be."""
+    return total // n + (1 if i < total % n else 0)
 
 
 @dataclass(frozen=True)
@@ -80,6 +92,7 @@ class _Host:
         self.target_rate = rate
         self.rate = rate
         self.granted: Optional[Budget] = None  # None: the default limits
+        self.grants: dict = {}  # key (a shard) → its Budget
         self.sent: collections.deque = collections.deque()
         self.next_send = -math.inf
         self.blocked_until = -math.inf
@@ -133,31 +146,42 @@ class Politeness:
 
     # -- budgets
 
-    def grant(self, host: str, budget: Budget) -> None:
-        """Adds a shard's budget to this process's limits for `host`."""
-        self._regrant(host, budget, +1)
-
-    def revoke(self, host: str, budget: Budget) -> None:
-        """Takes a shard's budget back (the shard's work is over)."""
-        self._regrant(host, budget, -1)
-
-    def _regrant(self, host: str, budget: Budget, sign: int) -> None:
+    def grant(self, host: str, budget: Budget, key: Any = None) -> None:
+        """Adds a shard's budget to this process's limits for `host`. Granting
+        the same `key` (the shard) again replaces its budget rather than adding
+        to it: a bundle retried in this process cannot hold a shard twice."""
         with self._lock:
             state = self._host_locked(host)
-            old = state.granted or Budget(0, 0.0)
-            new = Budget(old.concurrency + sign * budget.concurrency,
-                         old.rate + sign * budget.rate)
-            if new.concurrency <= 0:
-                state.granted = None
-                new = Budget(*self.overrides.get(host, (self.concurrency, self.rate)))
-            else:
-                state.granted = new
-            # A throttled host stays as throttled, in proportion.
-            share = state.rate / state.target_rate if state.target_rate > 0 else 1.0
-            state.concurrency = max(1, new.concurrency)
-            state.target_rate = new.rate
-            state.rate = max(self.min_rate, new.rate * share) if new.rate > 0 else 0.0
-            self._freed.notify_all()
+            state.grants[key if key is not None else object()] = budget
+            self._regrant_locked(state, host)
+
+    def revoke(self, host: str, budget: Budget, key: Any = None) -> None:
+        """Takes a shard's budget back (the shard's work is over)."""
+        with self._lock:
+            state = self._host_locked(host)
+            if key is None:
+                key = next((k for k, b in state.grants.items() if b == budget), None)
+            state.grants.pop(key, None)
+            self._regrant_locked(state, host)
+
+    def granted_keys(self, host: str) -> list:
+        with self._lock:
+            return list(self._host_locked(host).grants)
+
+    def _regrant_locked(self, state: "_Host", host: str) -> None:
+        total = Budget(sum(b.concurrency for b in state.grants.values()),
+                       sum(b.rate for b in state.grants.values()))
+        if total.concurrency <= 0:
+            state.granted = None
+            new = Budget(*self.overrides.get(host, (self.concurrency, self.rate)))
+        else:
+            state.granted = new = total
+        # A throttled host stays as throttled, in proportion.
+        share = state.rate / state.target_rate if state.target_rate > 0 else 1.0
+        state.concurrency = max(1, new.concurrency)
+        state.target_rate = new.rate
+        state.rate = max(self.min_rate, new.rate * share) if new.rate > 0 else 0.0
+        self._freed.notify_all()
 
     # -- requests
 

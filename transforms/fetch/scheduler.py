@@ -15,7 +15,7 @@ import concurrent.futures
 import itertools
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from transforms.fetch.outcome import FetchResult
 from transforms.fetch.fetcher import Fetcher
@@ -69,12 +69,16 @@ class HostScheduler:
 
     `max_ready` bounds the results done but not yet `take`n: while that many
     wait (the caller is busy, e.g. inferring), no new fetch starts, so
-    fetched bytes never pile up in memory.
+    fetched bytes never pile up in memory. `after(job, result)` runs on the
+    fetching thread once a fetch ends (the image store's copy is made there,
+    beside the network waits); what it returns comes with the result.
     """
 
     def __init__(self, fetcher: Fetcher, politeness: Politeness, threads: int,
-                 max_ready: int = 0):
+                 max_ready: int = 0,
+                 after: Optional[Callable[[Job, FetchResult], Any]] = None):
         self._fetcher = fetcher
+        self._after = after
         self._politeness = politeness
         self._threads = max(1, int(threads))
         self._max_ready = max_ready or max(64, 2 * self._threads)
@@ -103,15 +107,26 @@ class HostScheduler:
         with self._cond:
             return self._queued + self._total_running + len(self._done)
 
-    def take(self, block: bool) -> list[tuple[Job, FetchResult]]:
-        """Finished jobs; with `block`, waits until at least one is finished
-        (or nothing is pending)."""
+    def take(self, block: bool) -> list[tuple[Job, FetchResult, Any]]:
+        """Finished jobs (job, result, what `after` made of it); with `block`,
+        waits until at least one is finished (or nothing is pending)."""
         with self._cond:
             while block and not self._done and (self._queued or self._total_running):
                 self._cond.wait()
             done, self._done = list(self._done), collections.deque()
             self._cond.notify_all()
             return done
+
+    def reset(self) -> None:
+        """Forgets the jobs not started yet and the results not taken: a bundle
+        that failed left them, and its retry submits its own. Fetches already
+        running end; their results come back from `take` and the caller
+        recognises them by their payload."""
+        with self._cond:
+            self._queues.clear()
+            self._queued = 0
+            self._done.clear()
+            self._cond.notify_all()
 
     def close(self) -> None:
         with self._cond:
@@ -180,6 +195,12 @@ class HostScheduler:
         except BaseException as exc:  # fetch never raises; if it did, the job still ends
             result = FetchResult(False, reason="internal_error", detail=repr(exc)[:300],
                                  final_url=job.url)
+        extra = None
+        if self._after is not None:
+            try:
+                extra = self._after(job, result)
+            except BaseException as exc:  # `after` reports its own failures; if not, say so
+                extra = exc
         with self._cond:
             if self._awaiting.get(job.host) == job.id:
                 del self._awaiting[job.host]
@@ -187,5 +208,5 @@ class HostScheduler:
             if not self._running[job.host]:
                 del self._running[job.host]
             self._total_running -= 1
-            self._done.append((job, result))
+            self._done.append((job, result, extra))
             self._cond.notify_all()

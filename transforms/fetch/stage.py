@@ -1,4 +1,4 @@
-"""The fetch stage: image tasks in; fetched images, 304s or failure rows out.
+"""The fetch stage: image tasks in; stored copies, 304s or failure rows out.
 
 Politeness must hold for the whole job, however many workers run it, and
 that needs no service beside Beam: the way crawlers do it (Nutch's per-host
@@ -11,43 +11,46 @@ any 1-second window. Grouping also brings every row of one URL together, so
 each distinct URL is fetched once and its result goes to all of its rows.
 
 Inside a worker process the `HostScheduler` fetches all the shards it holds
-at once, each host from its own queue, so hosts never wait for each other.
+at once, each host from its own queue, so hosts never wait for each other,
+and every group of a bundle is queued as soon as it arrives, so groups never
+wait for each other either. Each fetched picture becomes the image store's
+copy on the fetching thread and is written to the store as the stage goes
+(`transforms/store/writing.py`), with its URL entry.
 
-When a runner retries a bundle (a worker died, a bundle failed), the rows
-that the failed attempt already wrote are in the run's parts: the new
-attempt reads their keys once and fetches only the rest, so the fetching
-redone is what the failed attempt had not yet written (at most about
-`--checkpoint_seconds` or `--checkpoint_rows` per writer, see transforms/write/parts.py).
+A bundle that fails and is retried cannot hold a shard's budget twice
+(grants are keyed by shard, and a new bundle first gives back what an
+unfinished one held), nor see the failed attempt's queued fetches; the retry
+reads back what the failed attempt already stored for its shards (their own
+parts only) and fetches only the rest.
 """
 from __future__ import annotations
 
 import hashlib
-import threading
 import time
 from typing import Any, Iterable, Optional
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.common import progress
-from transforms.fetch.config import FetchConfig, fetch_url, host_of
-from transforms.fetch.outcome import FetchResult
-from transforms.fetch.fetcher import Fetcher
-from transforms.fetch.scheduler import HostScheduler, Job
-from transforms.fetch.politeness import Budget, shard_budgets, shared
-from transforms.write.compact import part_files, read_keys
-from transforms.common.records import FAILURES, NOT_MODIFIED, failure, key_of
+from transforms.common.records import FAILURES, NOT_MODIFIED, failure
 from transforms.common.tally import TALLY, Tally, latency_key, tally_outputs
+from transforms.fetch.config import FetchConfig, fetch_url, host_of
+from transforms.fetch.fetcher import Fetcher
+from transforms.fetch.metrics import MetricBuffer
+from transforms.fetch.outcome import FetchResult
+from transforms.fetch.politeness import shared
+from transforms.fetch.results import copy_of, image, outputs, store_entries
+from transforms.fetch.scheduler import HostScheduler, Job
+from transforms.store.copies import StoredCopy
+from transforms.store.layout import ImageStore
+from transforms.store.writing import StoreWriter, stored_in_run
 
 INVALID_HOST = "(invalid)"
 # Limits of a host this process holds no shard of: a redirect target on
 # another host. They hold per process, not for the job.
 UNOWNED_LIMITS = (1, 1.0)
-# Distinct URLs a process holds in its queues before `process` waits for
-# some to finish: bounds the memory of task metadata.
-MAX_QUEUED = 50_000
 
 
 def shard_key(task: dict, config: FetchConfig) -> tuple[str, int]:
@@ -58,128 +61,118 @@ def shard_key(task: dict, config: FetchConfig) -> tuple[str, int]:
     except ValueError:
         return (INVALID_HOST, 0)
     host = host_of(url)
-    shards = len(shard_budgets(*config.host_limits(host)))
+    budgets = config.shard_budgets(host)
     digest = hashlib.blake2b(url.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return (host, int.from_bytes(digest, "big") % shards)
+    return (host, _weighted(int.from_bytes(digest, "big"), budgets))
 
 
-class _MetricBuffer:
-    """Beam metrics updated from pool threads would be lost: Beam keeps the
-    metrics container per thread. Counts are kept here and moved into Beam
-    from the bundle's own thread in `flush`."""
-
-    def __init__(self, namespace: str):
-        self._namespace = namespace
-        self._lock = threading.Lock()
-        self._counts: dict[str, int] = {}
-        self._latencies: list[int] = []
-        self._counters: dict[str, Any] = {}
-        self._latency = Metrics.distribution(namespace, "latency_ms")
-
-    def inc(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            self._counts[name] = self._counts.get(name, 0) + n
-
-    def latency_ms(self, ms: int) -> None:
-        with self._lock:
-            self._latencies.append(ms)
-
-    def flush(self) -> None:
-        with self._lock:
-            counts, self._counts = self._counts, {}
-            latencies, self._latencies = self._latencies, []
-        for name, n in counts.items():
-            counter = self._counters.get(name)
-            if counter is None:
-                counter = self._counters[name] = Metrics.counter(self._namespace, name)
-            counter.inc(n)
-        for ms in latencies:
-            self._latency.update(ms)
+def _weighted(value: int, budgets: list) -> int:
+    """A shard for a hash value, in proportion to the shards' rates (equal
+    shards: value mod n), so each shard's share of URLs matches its budget."""
+    weights = [b.rate or b.concurrency for b in budgets]
+    if len(set(weights)) <= 1:
+        return value % len(budgets)
+    point = (value % 1_000_003) / 1_000_003 * sum(weights)
+    for shard, weight in enumerate(weights):
+        point -= weight
+        if point < 0:
+            return shard
+    return len(budgets) - 1
 
 
 class FetchHostShards(beam.DoFn):
     """(host, shard) groups of tasks in; one output per task.
 
-    Outputs: main, one element per fetched distinct URL: the image fields
-    (content, image_sha256, image_format, http_status, attempts, etag,
-    last_modified, fetch_seconds, bytes) and `tasks`, every task (row) of
-    that URL; `NOT_MODIFIED`, one per revalidated task answered 304;
-    `FAILURES`, one failure row per task.
+    Outputs: main, one element per fetched distinct URL: the store's copy as
+    `content`, image_sha256 (of the fetched bytes), image_format,
+    http_status, attempts, etag, last_modified, fetch_seconds, bytes, the
+    fetched picture's width and height, and `tasks`, every task (row) of that
+    URL; `NOT_MODIFIED`, one per revalidated task answered 304; `FAILURES`,
+    one failure row per task.
     """
 
-    def __init__(self, config: FetchConfig, run_folder: Optional[str] = None):
+    def __init__(self, config: FetchConfig, store: Optional[str] = None, run: str = "",
+                 every: tuple[int, float] = (500, 5.0)):
         self.config = config
-        self._run_folder = run_folder
+        self._store_root = store
+        self._run = run
+        self._every = every
         self._fetcher: Optional[Fetcher] = None
         self._scheduler: Optional[HostScheduler] = None
 
     def setup(self):
         self._politeness = shared(*UNOWNED_LIMITS, self.config.host_overrides())
         self._fetcher = Fetcher(self.config, politeness=self._politeness)
+        max_pixels = self.config.max_image_pixels
         self._scheduler = HostScheduler(self._fetcher, self._politeness,
-                                        self.config.fetch_concurrency)
-        self._metrics = _MetricBuffer("fetch")
+                                        self.config.fetch_concurrency,
+                                        after=lambda job, result: copy_of(result, max_pixels))
+        self._store = ImageStore(self._store_root) if self._store_root else None
+        self._writer = (StoreWriter(self._store, self._run, *self._every)
+                        if self._store is not None else None)
+        self._metrics = MetricBuffer("fetch")
+        self._granted: list[tuple[str, Any]] = []  # (host, shard key) held by this instance
+        self._bundle = 0
         self.tally = Tally()
 
     def start_bundle(self):
-        self._granted: list[tuple[str, Budget]] = []
-        self._written: Optional[set] = None
+        # A bundle that failed never reached finish_bundle: give back what it
+        # held and forget the fetches it queued.
+        self._release_grants()
+        self._scheduler.reset()
+        self._bundle += 1
         self._busy_since: Optional[float] = None  # the first URL of this bundle
-
-    def _already_written(self) -> set:
-        """Keys this run already wrote (parts of earlier attempts); read once a bundle."""
-        if self._written is None:
-            self._written = set()
-            if self._run_folder:
-                self._written = read_keys(part_files(self._run_folder, "embeddings") +
-                                          part_files(self._run_folder, "failures"))
-        return self._written
 
     def process(self, element, window=beam.DoFn.WindowParam,
                 timestamp=beam.DoFn.TimestampParam):
         (host, shard), tasks = element
         by_url: dict[str, list[dict]] = {}
-        written = self._already_written()
         for task in tasks:
-            if written and key_of(task) in written:
-                self.tally.add("fetch.already_written_in_run")
-                continue
             try:
                 url = fetch_url(task, self.config)
             except ValueError as exc:
                 yield self._failed(task, "invalid_url", str(exc), window, timestamp)
                 continue
             by_url.setdefault(url, []).append(task)
-        if host != INVALID_HOST and by_url:
-            budget = shard_budgets(*self.config.host_limits(host))[shard]
-            self._politeness.grant(host, budget)
-            self._granted.append((host, budget))
-        if by_url and self._busy_since is None:
+        if not by_url:
+            return
+        if self._busy_since is None:
             self._busy_since = time.monotonic()
+        done = self._stored_before(host, shard)
+        if host != INVALID_HOST:
+            key = (host, shard)
+            self._politeness.grant(host, self.config.shard_budgets(host)[shard], key=key)
+            if (host, key) not in self._granted:
+                self._granted.append((host, key))
         for url, rows in by_url.items():
             self.tally.add("fetch.distinct_urls")
             if len(rows) > 1:
                 self.tally.add("dedup.rows_sharing_a_fetch", len(rows) - 1)
+            stored = done.get(rows[0].get("identifier") or "")
+            if stored is not None and not any(r.get("revalidate") for r in rows):
+                self.tally.add("fetch.already_stored_in_run")
+                yield _windowed(_from_store(rows, stored), window, timestamp)
+                continue
             etag, last_modified = _conditional(rows)
             self._scheduler.submit(Job(host, url, etag, last_modified,
-                                       payload=(rows, window, timestamp), group=shard))
+                                       payload=(self._bundle, shard, rows, window, timestamp),
+                                       group=shard))
         yield from self._emit(block=False)
-        while self._scheduler.pending() > MAX_QUEUED:
-            yield from self._emit(block=True)
         self._metrics.flush()
 
     def finish_bundle(self):
         while self._scheduler.pending():
             yield from self._emit(block=True)
-        for host, budget in self._granted:
-            self._politeness.revoke(host, budget)
-        self._granted = []
+        if self._writer is not None:
+            self._writer.flush()  # everything this bundle fetched is durable now
+        self._release_grants()
         if self._busy_since is not None:
             self.tally.add("time.fetch_s", time.monotonic() - self._busy_since)
         self._metrics.flush()
         yield from tally_outputs(self.tally)
 
     def teardown(self):
+        self._release_grants()
         if self._scheduler is not None:
             self._scheduler.close()
             self._scheduler = None
@@ -187,11 +180,30 @@ class FetchHostShards(beam.DoFn):
             self._fetcher.close()
             self._fetcher = None
 
+    def _release_grants(self) -> None:
+        for host, key in self._granted:
+            self._politeness.revoke(host, None, key=key)
+        self._granted = []
+
+    def _stored_before(self, host: str, shard: int) -> dict:
+        """What this run already stored for the shard (a retried bundle's
+        earlier attempt); empty on a first attempt, at the cost of one listing."""
+        if self._store is None or not self._run or host == INVALID_HOST:
+            return {}
+        return stored_in_run(self._store, self._run, host, shard)
+
     def _emit(self, block: bool) -> Iterable[Any]:
-        for job, result in self._scheduler.take(block):
-            rows, window, timestamp = job.payload
-            self._record(result)
-            for output in _outputs(rows, result):
+        for job, result, copy in self._scheduler.take(block):
+            bundle, shard, rows, window, timestamp = job.payload
+            if bundle != self._bundle:
+                continue  # a fetch of a bundle that failed: its retry has its own
+            self._record(result, copy)
+            if self._writer is not None:
+                entry, row = store_entries(rows[0].get("identifier") or job.url, job.url,
+                                           result, copy)
+                if entry is not None:
+                    self._writer.add(job.host, shard, entry, row)
+            for output in outputs(rows, result, copy):
                 yield _windowed(output, window, timestamp)
 
     def _failed(self, task: dict, reason: str, detail: str, window, timestamp):
@@ -200,14 +212,16 @@ class FetchHostShards(beam.DoFn):
         return _windowed(TaggedOutput(FAILURES, failure(task, "fetch", reason, detail)),
                          window, timestamp)
 
-    def _record(self, result: FetchResult) -> None:
+    def _record(self, result: FetchResult, copy: Any) -> None:
         outcome = "not_modified" if result.not_modified else ("ok" if result.ok else "failed")
         counts = {outcome: 1, "requests": result.requests,
                   "retries": max(0, result.attempts - 1)}
         if result.reason:
             counts[f"reason.{result.reason}"] = 1
-        if result.content:
-            counts["bytes"] = len(result.content)
+        if result.nbytes:
+            counts["bytes"] = result.nbytes
+        if isinstance(copy, StoredCopy):
+            counts["stored_bytes"] = len(copy.data)
         for name, n in counts.items():
             if n:
                 self._metrics.inc(name, n)
@@ -215,6 +229,16 @@ class FetchHostShards(beam.DoFn):
         progress.report("fetched" if result.ok else "fetch_failed")
         self._metrics.latency_ms(int(result.elapsed_s * 1000))
         self.tally.add(latency_key("fetch.latency_ms", result.elapsed_s))
+
+
+def _from_store(rows: list[dict], stored: dict) -> dict:
+    """A URL an earlier attempt of this run already fetched and stored."""
+    row = stored["copy"]
+    copy = StoredCopy(row["data"], row["width"], row["height"], row["source_width"],
+                      row["source_height"], False)
+    return image(rows, copy, stored["image_sha256"], None, stored.get("http_status"), 0,
+                 stored.get("etag"), stored.get("last_modified"), 0.0,
+                 row.get("source_bytes") or 0)
 
 
 def _conditional(rows: list[dict]) -> tuple[Optional[str], Optional[str]]:
@@ -227,25 +251,6 @@ def _conditional(rows: list[dict]) -> tuple[Optional[str], Optional[str]]:
     return next(iter(validators))
 
 
-def _outputs(rows: list[dict], result: FetchResult) -> list:
-    """One fetch's result for every row of its URL."""
-    if result.not_modified:
-        return [TaggedOutput(NOT_MODIFIED, dict(task, http_status=304,
-                                                attempts=result.attempts))
-                for task in rows]
-    if not result.ok:
-        return [TaggedOutput(FAILURES, failure(task, "fetch", result.reason or "internal_error",
-                                               result.detail, result.http_status,
-                                               result.attempts))
-                for task in rows]
-    content = result.content or b""
-    return [dict(content=content, image_sha256=hashlib.sha256(content).hexdigest(),
-                 image_format=result.image_format, http_status=result.http_status,
-                 attempts=result.attempts, etag=result.etag,
-                 last_modified=result.last_modified,
-                 fetch_seconds=round(result.elapsed_s, 3), bytes=len(content), tasks=rows)]
-
-
 def _windowed(output: Any, window, timestamp) -> Any:
     """Outputs keep the window of the group that produced them."""
     if isinstance(output, TaggedOutput):
@@ -254,21 +259,26 @@ def _windowed(output: Any, window, timestamp) -> Any:
 
 
 class FetchImages(beam.PTransform):
-    """Tasks → fetched images (one per distinct URL), 304s, failures, tally.
+    """Tasks → fetched images (one per distinct URL, as the store's copy), 304s,
+    failures, tally; the copies and URL entries are written to `store`.
 
     Returns the tagged outputs of `FetchHostShards`: `.images`,
     `[NOT_MODIFIED]`, `[FAILURES]` and `[TALLY]`.
     """
 
-    def __init__(self, config: FetchConfig, run_folder: Optional[str] = None):
+    def __init__(self, config: FetchConfig, store: Optional[str] = None, run: str = "",
+                 every: tuple[int, float] = (500, 5.0)):
         super().__init__()
         self._config = config
-        self._run_folder = run_folder
+        self._store = store
+        self._run = run
+        self._every = every
 
     def expand(self, tasks):
         config = self._config
         return (tasks
                 | "ByHostShard" >> beam.Map(lambda task: (shard_key(task, config), task))
                 | "GroupByHostShard" >> beam.GroupByKey()
-                | "FetchByHost" >> beam.ParDo(FetchHostShards(config, self._run_folder)).with_outputs(
+                | "FetchByHost" >> beam.ParDo(FetchHostShards(
+                    config, self._store, self._run, self._every)).with_outputs(
                     FAILURES, NOT_MODIFIED, TALLY, main="images"))

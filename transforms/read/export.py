@@ -130,11 +130,7 @@ class JoinOccurrences(beam.DoFn):
                 self._tally.add("skipped.duplicate_image")
                 continue
             seen.add(media["identifier"])
-            task = make_task(core_id, media, occurrence)
-            if not has_row_key(task):  # its gbifID was to come from the occurrence row
-                self._tally.add("skipped.bad_gbif_id")
-                continue
-            yield task
+            yield make_task(core_id, media, occurrence)
 
     def finish_bundle(self):
         yield from tally_outputs(self._tally)

@@ -16,7 +16,8 @@ from transforms.common import progress
 from transforms.common.records import failure
 from transforms.common.tally import Tally
 from transforms.read.archive import READ_ERRORS, Archive
-from transforms.read.meta import GBIF_ID_COLUMN, GBIF_ID_CORE, GBIF_ID_KEY, ExportError, TableSpec
+from transforms.read.meta import (GBIF_ID_COLUMN, GBIF_ID_CORE, GBIF_ID_KEY, GBIF_ID_NONE,
+                                  ExportError, TableSpec)
 from transforms.read.rows import LINE_CAP, BadLine, iter_rows
 from transforms.read.values import (
     clean_core_id,
@@ -134,11 +135,13 @@ def image_records(archive: Archive, table: TableSpec, tally: Tally, max_images: 
             if len(row) != width:
                 counts.add("export.ragged_rows_read")
             media = {"coreID": core_id, "gbifID": row_gbif_id(row, table, core_id)}
-            if gbif_id_final and not has_row_key(media):
-                counts.add("skipped.bad_gbif_id", len(urls))
-                continue
-            if core_id is None:
+            if not has_row_key(media):
                 counts.add("skipped.bad_core_id", len(urls))
+                continue
+            if gbif_id_final and table.gbif_id_source != GBIF_ID_NONE and media["gbifID"] is None:
+                # The archive gives gbifIDs (a GBIF download) and this one is not
+                # one (not digits, or beyond int64): not a row GBIF could have made.
+                counts.add("skipped.bad_gbif_id", len(urls))
                 continue
             if table.is_multimedia:
                 if not _is_still_image(field(row, type_index) or table.default("type")):

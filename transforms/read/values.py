@@ -60,8 +60,7 @@ def field(row: Sequence[str], index: Optional[int]) -> Optional[str]:
 
 
 def has_row_key(task: dict) -> bool:
-    """Whether the rest of the pipeline can key this row. Today other stages
-    key rows by (gbifID, identifier), so a row needs an int64 gbifID and rows
-    of an archive without gbifIDs (a publisher's own) are skipped as
-    `bad_gbif_id`; the one place to change when they key rows by coreID."""
-    return task.get("gbifID") is not None
+    """Whether the rest of the pipeline can key this row: rows are keyed by
+    (coreID, identifier), so any archive's rows can, a publisher's own
+    (string ids, no gbifID) included; only a row without a core id cannot."""
+    return bool(task.get("coreID"))

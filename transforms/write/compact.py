@@ -5,7 +5,9 @@ a 565,000-image run that lasts hours closes thousands. Publishing streams
 them, one part at a time, into files of up to `ROWS_PER_FILE` rows, keeping
 the first row of every key (gbifID, identifier): a bundle the runner retried,
 or a part written twice, cannot put an image in the snapshot twice. Memory is
-one part plus the set of keys seen (about 100 bytes a row).
+one part plus the set of keys seen (about 100 bytes a row). The key is
+(coreID, identifier): the archive's core id, a GBIF download's gbifID or a
+publisher's own occurrence id.
 """
 from __future__ import annotations
 
@@ -33,20 +35,20 @@ def part_files(folder: str, prefix: str) -> list[str]:
     return [p if protocol == "file" else f"{protocol}://{p}" for p in paths]
 
 
-def read_keys(paths: list[str]) -> set[tuple[int, str]]:
-    """The (gbifID, identifier) keys of some Parquet files."""
-    keys: set[tuple[int, str]] = set()
-    for path in paths:
-        with fsspec.open(path, "rb") as handle:
-            table = pq.read_table(handle, columns=["gbifID", "identifier"])
-        keys.update(zip(table.column("gbifID").to_pylist(),
-                        table.column("identifier").to_pylist()))
-    return keys
+def table_keys(table: pa.Table) -> list[tuple[str, str]]:
+    """The (coreID, identifier) keys of a table's rows (coreID from gbifID for
+    rows written before core ids were kept)."""
+    identifiers = table.column("identifier").to_pylist()
+    core = table.column("coreID").to_pylist() if "coreID" in table.column_names else \
+        [None] * table.num_rows
+    gbif = table.column("gbifID").to_pylist() if "gbifID" in table.column_names else \
+        [None] * table.num_rows
+    return [(c or ("" if g is None else str(g)), i) for c, g, i in zip(core, gbif, identifiers)]
 
 
 def _first_of_each_key(table: pa.Table, seen: set) -> pa.Table:
     keep = []
-    for key in zip(table.column("gbifID").to_pylist(), table.column("identifier").to_pylist()):
+    for key in table_keys(table):
         keep.append(key not in seen)
         seen.add(key)
     return table if all(keep) else table.filter(pa.array(keep))

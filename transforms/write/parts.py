@@ -16,7 +16,7 @@ import os
 import posixpath
 import time
 import uuid
-from typing import Iterable
+from typing import Iterable, Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -35,6 +35,7 @@ COMPRESSION = "zstd"
 
 def embedding_schema(dim: int = 256) -> pa.Schema:
     return pa.schema([
+        ("coreID", pa.string()),
         ("gbifID", pa.int64()),
         ("occurrenceID", pa.string()),
         ("datasetKey", pa.string()),
@@ -57,6 +58,7 @@ def embedding_schema(dim: int = 256) -> pa.Schema:
 
 # Pictures kept by the run for report.html (transforms/embed/decode.py says which).
 THUMBNAIL_SCHEMA = pa.schema([
+    ("coreID", pa.string()),
     ("gbifID", pa.int64()),
     ("identifier", pa.string()),
     ("image_sha256", pa.string()),
@@ -65,6 +67,7 @@ THUMBNAIL_SCHEMA = pa.schema([
 
 
 FAILURE_SCHEMA = pa.schema([
+    ("coreID", pa.string()),
     ("gbifID", pa.int64()),
     ("identifier", pa.string()),
     ("stage", pa.string()),
@@ -84,8 +87,31 @@ def to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
             columns.append(pa.FixedSizeListArray.from_arrays(
                 pa.array(flat, pa.float32()), field.type.list_size))
         else:
-            columns.append(pa.array([r.get(field.name) for r in rows], field.type))
+            columns.append(_column([r.get(field.name) for r in rows], field.type))
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+# What pa.array raises for a value its type cannot hold (an int beyond int64,
+# a string with a lone surrogate, a value of another type).
+_UNWRITABLE = (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, UnicodeError, TypeError,
+               ValueError)
+
+
+def _column(values: list, type_: pa.DataType) -> pa.Array:
+    """One column; a value that cannot be written becomes null rather than
+    failing the part (and with it the run). The fast path is one call."""
+    try:
+        return pa.array(values, type_)
+    except _UNWRITABLE:
+        return pa.array([_writable(v, type_) for v in values], type_)
+
+
+def _writable(value, type_: pa.DataType):
+    try:
+        pa.array([value], type_)
+    except _UNWRITABLE:
+        return None
+    return value
 
 
 PARTS = "parts"
@@ -115,65 +141,132 @@ def write_table_atomically(path: str, table: pa.Table) -> None:
         pq.write_table(table, handle, compression=COMPRESSION)
 
 
-class _WriteParts(beam.DoFn):
-    """Buffers rows and closes a part file every `rows_per_part` rows or
-    `seconds_per_part` seconds (checked as rows arrive) and at the bundle's
-    end; outputs (path, rows) for every part."""
+def write_table_grouped(path: str, table: pa.Table, row_group_rows: int) -> None:
+    """As write_table_atomically, in row groups of `row_group_rows` rows, so a
+    reader can read a few rows of a large part without reading all of it."""
+    fs, _, (local,) = fsspec.get_fs_token_paths(path)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    target = local
+    if "file" in protocols:
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        target = f"{os.path.dirname(local)}/.{os.path.basename(local)}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open(target, "wb") as handle:
+        pq.write_table(table, handle, compression=COMPRESSION, row_group_size=row_group_rows)
+    if target != local:
+        os.replace(target, local)
+
+
+class PartWriter:
+    """Rows → durable part files `<folder>/<prefix>-<uuid>.parquet`, closed every
+    `rows_per_part` rows or `seconds_per_part` seconds (checked as rows arrive)
+    and on `flush`; every `merge_parts` parts (or `merge_bytes` of them, for
+    parts of pictures) the writer merges its own small parts into one. Used
+    by the writer step below and by the fetch stage, which writes the image
+    store as it fetches."""
 
     def __init__(self, folder: str, prefix: str, schema: pa.Schema,
                  rows_per_part: int = ROWS_PER_PART,
-                 seconds_per_part: float = SECONDS_PER_PART):
-        self._folder = parts_folder(folder)
+                 seconds_per_part: float = SECONDS_PER_PART,
+                 merge_parts: int = 0, merge_bytes: int = 0,
+                 row_group_rows: int = 0):
+        self.folder = folder
         self._prefix = prefix
         self._schema = schema
         self._rows_per_part = rows_per_part
         self._seconds_per_part = seconds_per_part
-
-    def setup(self):
-        self._small: list[str] = []  # this writer's parts not merged yet
-
-    def start_bundle(self):
+        self._merge_parts = merge_parts or MERGE_PARTS
+        self._merge_bytes = merge_bytes
+        self._row_group_rows = row_group_rows
         self._buffer: list[dict] = []
         self._since = time.monotonic()
+        self._small: list[tuple[str, int]] = []  # (path, bytes) of parts not merged yet
 
-    def process(self, row: dict):
+    def __len__(self) -> int:
+        return len(self._buffer)
+
+    def add(self, row: dict) -> Optional[tuple[str, int]]:
+        """Buffers a row; returns (path, rows) when that closed a part."""
+        self.append(row)
+        if self.due():
+            return self.flush()
+        return None
+
+    def append(self, row: dict) -> None:
+        """Buffers a row without closing a part (the caller checks `due`)."""
         if not self._buffer:
             self._since = time.monotonic()
         self._buffer.append(row)
-        progress.report(self._prefix)
-        if len(self._buffer) >= self._rows_per_part or \
-                time.monotonic() - self._since >= self._seconds_per_part:
-            yield self._write_part()
 
-    def finish_bundle(self):
-        progress.flush()
-        if self._buffer:
-            yield WindowedValue(self._write_part(), MIN_TIMESTAMP, [GlobalWindow()])
+    def due(self) -> bool:
+        return bool(self._buffer) and (
+            len(self._buffer) >= self._rows_per_part
+            or time.monotonic() - self._since >= self._seconds_per_part)
 
-    def _write_part(self) -> tuple[str, int]:
+    def flush(self) -> Optional[tuple[str, int]]:
+        """Closes a part of the buffered rows, if any."""
+        if not self._buffer:
+            return None
         started = time.monotonic()
         rows, self._buffer = self._buffer, []
-        path = posixpath.join(self._folder, f"{self._prefix}-{uuid.uuid4().hex[:16]}.parquet")
-        write_table_atomically(path, to_table(rows, self._schema))
-        self._small.append(path)
-        if len(self._small) >= MERGE_PARTS:
+        path = posixpath.join(self.folder, f"{self._prefix}-{uuid.uuid4().hex[:16]}.parquet")
+        table = to_table(rows, self._schema)
+        self._write(path, table)
+        self._small.append((path, table.nbytes))
+        if len(self._small) >= self._merge_parts or (
+                self._merge_bytes and sum(n for _, n in self._small) >= self._merge_bytes):
             self._merge()
         _PART_MS.update(int((time.monotonic() - started) * 1000))
         return path, len(rows)
 
+    def _write(self, path: str, table: pa.Table) -> None:
+        if self._row_group_rows:
+            write_table_grouped(path, table, self._row_group_rows)
+        else:
+            write_table_atomically(path, table)
+
     def _merge(self) -> None:
         """The small parts → one part: written first, then the small ones go, so
-        a crash in between leaves rows twice (compaction keeps one), never none."""
+        a crash in between leaves rows twice (readers keep one), never none."""
+        if len(self._small) < 2:
+            self._small = []
+            return
         tables = []
-        for path in self._small:
+        for path, _ in self._small:
             with fsspec.open(path, "rb") as handle:
                 tables.append(pq.read_table(handle))
-        merged = posixpath.join(self._folder,
-                                f"{self._prefix}-{uuid.uuid4().hex[:16]}.parquet")
-        write_table_atomically(merged, pa.concat_tables(tables))
-        fs, _, paths = fsspec.get_fs_token_paths(self._small)
+        merged = posixpath.join(self.folder, f"{self._prefix}-{uuid.uuid4().hex[:16]}.parquet")
+        self._write(merged, pa.concat_tables(tables))
+        fs, _, paths = fsspec.get_fs_token_paths([path for path, _ in self._small])
         fs.rm(paths)
         self._small = []
+
+
+class _WriteParts(beam.DoFn):
+    """Buffers rows into a `PartWriter` and closes its part at the bundle's end;
+    outputs (path, rows) for every part."""
+
+    def __init__(self, folder: str, prefix: str, schema: pa.Schema,
+                 rows_per_part: int = ROWS_PER_PART,
+                 seconds_per_part: float = SECONDS_PER_PART, in_parts: bool = True):
+        self._folder = parts_folder(folder) if in_parts else folder
+        self._prefix = prefix
+        self._schema = schema
+        self._every = (rows_per_part, seconds_per_part)
+
+    def setup(self):
+        self._writer = PartWriter(self._folder, self._prefix, self._schema, *self._every[:2])
+
+    def process(self, row: dict):
+        progress.report(self._prefix)
+        closed = self._writer.add(row)
+        if closed is not None:
+            yield closed
+
+    def finish_bundle(self):
+        progress.flush()
+        closed = self._writer.flush()
+        if closed is not None:
+            yield WindowedValue(closed, MIN_TIMESTAMP, [GlobalWindow()])
 
 
 class WriteParquet(beam.PTransform):
@@ -189,12 +282,12 @@ class WriteParquet(beam.PTransform):
 
     def __init__(self, folder: str, prefix: str, schema: pa.Schema,
                  rows_per_part: int = ROWS_PER_PART,
-                 seconds_per_part: float = SECONDS_PER_PART):
+                 seconds_per_part: float = SECONDS_PER_PART, in_parts: bool = True):
         super().__init__()
         self._folder = folder
         self._prefix = prefix
         self._schema = schema
-        self._every = (rows_per_part, seconds_per_part)
+        self._every = (rows_per_part, seconds_per_part, in_parts)
 
     def expand(self, rows):
         if isinstance(rows, beam.PCollection):

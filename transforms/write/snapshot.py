@@ -102,6 +102,13 @@ def summarize(tally: dict, embeddings: list, failures: list) -> dict:
         "rows_sharing_a_fetch": tally.get("dedup.rows_sharing_a_fetch", 0),
         "contents_reused": tally.get("dedup.content_reused", 0),
         "inferences": tally.get("embed.inferred", 0),
+        # What the image store answered: rows whose picture came from the store
+        # (no request), rows whose embedding came from the model's cache (no
+        # inference either), and rows the store had lost (fetched again).
+        "from_store": tally.get("store.stored", 0),
+        "from_embedding_cache": tally.get("store.cached", 0),
+        "store_missing": tally.get("store.missing", 0),
+        "stored_bytes": tally.get("fetch.stored_bytes", 0),
     }
 
 
@@ -118,7 +125,12 @@ class _Publish(beam.DoFn):
         # The side inputs only make this step wait for the writers: the files
         # are what the parts folder holds, retried bundles' parts included.
         folder = join(self._output, self._snapshot)
+        published = _read_json(join(folder, MANIFEST))
+        if published is not None:  # an earlier attempt of this step got that far
+            yield self._point_at(folder, published)
+            return
         publishing = time.monotonic()
+        _remove_compacted(folder)  # what an earlier attempt began: compacting is redone
         seen: set = set()
         files = {prefix: compact(folder, prefix, self._schemas[prefix], seen)
                  for prefix in ("embeddings", "failures")}
@@ -130,7 +142,6 @@ class _Publish(beam.DoFn):
                 with fsspec.open(path, "wb") as handle:
                     pq.write_table(self._schemas[prefix].empty_table(), handle)
                 written.append((path, 0))
-        remove_parts(folder)
         finished = datetime.datetime.now(datetime.timezone.utc)
         manifest = dict(self._manifest)
         launched = datetime.datetime.fromisoformat(manifest["launched_at"])
@@ -151,10 +162,33 @@ class _Publish(beam.DoFn):
             "tally": tally,
         })
         write_atomically(join(folder, MANIFEST), json.dumps(manifest, indent=2, default=str))
+        yield self._point_at(folder, manifest)
+
+    def _point_at(self, folder: str, manifest: dict) -> dict:
+        """After the manifest: LATEST, pruning, and the parts' removal, each
+        safe to do twice, so a retried step finishes what a failed one began."""
         write_atomically(join(self._output, LATEST), self._snapshot + "\n")
         if self._keep > 0:
             prune(self._output, self._snapshot, self._keep)
-        yield manifest
+        remove_parts(folder)
+        return manifest
+
+
+def _read_json(path: str) -> Optional[dict]:
+    fs, _, (local,) = fsspec.get_fs_token_paths(path)
+    fs.invalidate_cache()
+    if not fs.exists(local):
+        return None
+    with fs.open(local, "r") as handle:
+        return json.load(handle)
+
+
+def _remove_compacted(folder: str) -> None:
+    """Compacted files a failed attempt of publishing left (parts stay)."""
+    fs, _, (root,) = fsspec.get_fs_token_paths(folder)
+    for prefix in ("embeddings", "failures", "thumbnails"):
+        for path in fs.glob(posixpath.join(root, f"{prefix}-*.parquet")):
+            fs.rm(path)
 
 
 def prune(output: str, current: str, keep: int) -> list[str]:

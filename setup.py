@@ -32,9 +32,12 @@ MODELS = [
     "onnx==1.23.2",
 ]
 
+# Tests and benchmarks; tf2onnx converts TF models for bench/precision.py's
+# evaluation of int8 and of ONNX Runtime (not used by the pipeline).
 TESTS = [
     "pytest==9.2.0",
     "gcp-storage-emulator==2026.7.19",
+    "tf2onnx==1.17.0",
     *MODELS,
 ]
 

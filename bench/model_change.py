@@ -103,7 +103,7 @@ def main() -> None:
           f"{counts['inferences']} inferences, {requests} requests to the host; wall "
           f"{run_meter.wall:.1f} s ({run_meter.describe()}): start {phases['start_s']:.1f} s, "
           f"pipeline {phases['pipeline_s']:.1f} s, report {phases['report_s']:.1f} s")
-    print(f"tight loop of the same model: " + ", ".join(f"{r:.2f}" for r in tight)
+    print("tight loop of the same model: " + ", ".join(f"{r:.2f}" for r in tight)
           + f" images/s; compute-only ideal {ideal:.1f} s")
     print(f"model_change_requests={requests}")
     print(f"model_change_efficiency={ideal / run_meter.wall:.3f}")

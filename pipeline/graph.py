@@ -49,7 +49,8 @@ def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: 
     def embed_stage() -> EmbedImages:
         stage = EmbedImages(
             ImageEmbedder(opts.model, model.spec, batch_size=opts.batch_size,
-                          threads=inference_threads, precision=opts.precision),
+                          threads=inference_threads, precision=opts.precision,
+                          key=model.fingerprint),
             model.fingerprint, snapshot, resize=opts.resize, size=model.spec.image_size,
             max_pixels=opts.max_image_pixels, decode_threads=opts.decode_threads,
             batch_size=opts.batch_size)

@@ -71,9 +71,9 @@ def run(options: PipelineOptions, argv: Optional[Sequence[str]] = None) -> dict:
     model = run_model(opts.model, embedding_dim=opts.embedding_dim, normalize=opts.normalize,
                       image_size=opts.image_size, resize=opts.resize, output=opts.output,
                       previous=previous)
-    if model.spec.format == "onnx" and opts.precision != "float32":
-        raise UsageError(f"--precision {opts.precision} applies to TensorFlow models; "
-                         f"{opts.model} is an ONNX model: use --precision float32")
+    if model.spec.format == "onnx" and opts.precision == "bfloat16":
+        raise UsageError(f"--precision bfloat16 applies to TensorFlow models; "
+                         f"{opts.model} is an ONNX model: use --precision float32 or auto")
     if not opts.quiet:
         print(f"model: {model.spec.describe()}", flush=True)
     runner = _runner(options)

@@ -42,8 +42,10 @@ class GbifEmbedOptions(PipelineOptions):
         add("--resize", choices=("squash", "center_crop"), default="squash",
             help="squash: the whole image to the model's size (299x299 for fungi_V2); "
             "center_crop: the central square, then the model's size")
-        add("--precision", choices=("float32", "bfloat16"), default="float32",
-            help="bfloat16 uses oneDNN mixed precision where the CPU supports it")
+        add("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+            help="auto: the fastest precision this CPU runs well that passes a self-check "
+            "on the run's own pictures (else float32); bfloat16: oneDNN mixed precision "
+            "(TensorFlow models, CPUs with AVX512-BF16 or AMX)")
         add("--inference_threads", type=int, default=0,
             help="TensorFlow threads per worker process (0: the process's share "
             "of the cores)")

@@ -123,6 +123,22 @@ def count_export(export: str, config: FetchConfig, max_images: int = 0) -> Expor
                         {k: v for k, v in counts.items() if k.startswith("skipped.")})
 
 
+def planned_precision(model: str, requested: str) -> tuple[str, str]:
+    """The precision the run would embed in on this CPU, and why: --precision
+    auto takes the first candidate only if it passes the run's self-check,
+    which plan cannot run, so it plans with that candidate and says so."""
+    from transforms.embed.auto_precision import candidates
+    from transforms.embed.model_files import localize, model_format
+    if requested != "auto":
+        return requested, f"--precision {requested}"
+    tried = candidates(model_format(localize(model), model), "auto")
+    if not tried:
+        return "float32", ("--precision auto: this CPU runs no faster precision for this "
+                           "model's format")
+    return tried[0], (f"--precision auto would try {tried[0]} first; the run keeps it only "
+                      "if it passes its self-check on the run's pictures")
+
+
 def measure_rate(model: str, precision: str, seconds: float, normalize: str = "unit",
                  image_size: int = 0) -> tuple[float, float, float]:
     """(images/s of the whole machine, seconds measured, cores other processes
@@ -204,7 +220,7 @@ def format_plan(plan: dict, config: FetchConfig) -> str:
     lines.append(f"image store: {plan['distinct_urls']:,} pictures x "
                  f"~{plan['store_bytes_per_picture'] / 1024:.0f} kB = "
                  f"~{plan['store_bytes'] / 1e9:,.2f} GB (one copy per content, shorter side "
-                 f"at most 320 px)")
+                 f"299-597 px)")
     lines.append(NOT_MODELLED)
     return "\n".join(lines)
 
@@ -244,18 +260,21 @@ def _check(args: argparse.Namespace, opts: GbifEmbedOptions) -> None:
                          "use --precision float32, or --images_per_second_per_vcpu")
 
 
-def _rate(args: argparse.Namespace, opts: GbifEmbedOptions) -> tuple[Optional[float], str]:
-    """images/s per vCPU, and where the figure comes from (None: not known)."""
+def _rate(args: argparse.Namespace, opts: GbifEmbedOptions
+          ) -> tuple[Optional[float], str, Optional[str]]:
+    """images/s per vCPU, where the figure comes from (None: not known), and
+    the precision it was measured in."""
     if args.images_per_second_per_vcpu is not None:
-        return args.images_per_second_per_vcpu, "--images_per_second_per_vcpu"
+        return args.images_per_second_per_vcpu, "--images_per_second_per_vcpu", None
     if not opts.model:
-        return None, NO_RATE
-    total, seconds, others = measure_rate(opts.model, opts.precision, args.measure_seconds,
+        return None, NO_RATE, None
+    precision, why = planned_precision(opts.model, opts.precision)
+    total, seconds, others = measure_rate(opts.model, precision, args.measure_seconds,
                                           opts.normalize, opts.image_size)
     cpus = os.cpu_count() or 1
     return total / cpus, (f"measured here: {total:.2f} images/s on {cpus} vCPUs, "
-                          f"{opts.precision}, batch {BATCH}, {seconds:.1f} s; other "
-                          f"processes used {others:.1f} cores meanwhile")
+                          f"{precision} ({why}), batch {BATCH}, {seconds:.1f} s; other "
+                          f"processes used {others:.1f} cores meanwhile"), precision
 
 
 def plan_command(argv: Sequence[str]) -> int:
@@ -264,7 +283,7 @@ def plan_command(argv: Sequence[str]) -> int:
     _check(args, opts)
     config = fetch_config(opts)
     counts = count_export(opts.export, config, opts.max_images)
-    rate, source = _rate(args, opts)
+    rate, source, precision = _rate(args, opts)
     hosts = sorted(counts.urls_by_host.items(), key=lambda item: (-item[1], item[0]))
     bounds = {h: lower_bound_s(n, job_rate(config, h)) for h, n in hosts}
     slowest = max(bounds, key=bounds.__getitem__, default=None)
@@ -281,6 +300,7 @@ def plan_command(argv: Sequence[str]) -> int:
                           for h, n in hosts[:TOP_HOSTS]],
             "slowest_host": slowest,
             "rate_per_vcpu": rate, "rate_source": source, "compute_vcpu_s": compute_vcpu_s,
+            "precision": precision,
             "workers": args.workers, "vcpus_per_worker": args.vcpus_per_worker,
             "store_bytes": distinct * BYTES_PER_STORED_PICTURE,
             "store_bytes_per_picture": BYTES_PER_STORED_PICTURE,

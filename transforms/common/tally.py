@@ -5,7 +5,8 @@ ends, and the manifest is written inside the pipeline. So each stage also
 emits small dicts of counts on the `tally` output (once per bundle, not per
 element); `MergeTallies` sums them into one dict that the finalize step reads
 as a side input. Keys are dotted names, e.g. `skipped.not_still_image` or
-`fetch.latency_ms.le_250`.
+`fetch.latency_ms.le_250`. Keys that start with `min:` hold a figure, and
+merge by their minimum instead of their sum.
 """
 from __future__ import annotations
 
@@ -68,7 +69,10 @@ class MergeTallies(beam.CombineFn):
 
     def add_input(self, acc: dict, counts: dict) -> dict:
         for key, value in counts.items():
-            acc[key] = acc.get(key, 0) + value
+            if key.startswith("min:"):  # a figure, not a count: the worst one wins
+                acc[key] = min(acc[key], value) if key in acc else value
+            else:
+                acc[key] = acc.get(key, 0) + value
         return acc
 
     def merge_accumulators(self, accs: Iterable[dict]) -> dict:

@@ -28,7 +28,7 @@ REUSED = "reused"
 # Columns of a reused row that describe the image and its embedding; the
 # rest (occurrence and licence fields) come from the current export.
 IMAGE_COLUMNS = ("image_sha256", "width", "height", "etag", "last_modified",
-                 "model_fingerprint", "embedded_at", "embedding")
+                 "model_fingerprint", "precision", "embedded_at", "embedding")
 
 
 def snapshot_files(folder: str, prefix: str) -> list[str]:

@@ -15,8 +15,7 @@ from apache_beam.pvalue import TaggedOutput
 from PIL import Image
 
 from transforms.common.concurrency import ThreadedDoFn
-from transforms.common.pictures import (RESIZE_MODES, DecodeError, center_square,  # noqa: F401
-                                        decode_rgb)
+from transforms.common.pictures import DecodeError, center_square, decode_rgb
 from transforms.common.records import FAILURES, failures_of
 
 SIZE = 299

@@ -72,7 +72,8 @@ def remember(run: str, image: dict, vector: np.ndarray) -> None:
     """`run` scopes the memory to one run (and so one model): a later run in
     the same process, `--full` say, embeds again."""
     key = (run, image.get("image_sha256"))
-    _EMBEDDED.put(key, (vector, image.get("width"), image.get("height")))
+    _EMBEDDED.put(key, (vector, image.get("width"), image.get("height"),
+                        image.get("precision")))
     with _IN_FLIGHT_LOCK:
         _IN_FLIGHT.pop(key, None)
 
@@ -135,9 +136,9 @@ class _SkipKnown(beam.DoFn):
                 yield image
 
     def _known(self, key: tuple, image: dict) -> Iterable:
-        vector, width, height = _EMBEDDED.get(key)
+        vector, width, height, precision = _EMBEDDED.get(key)
         known = {k: v for k, v in image.items() if k != "content"}
-        known.update(width=width, height=height)
+        known.update(width=width, height=height, precision=precision)
         yield TaggedOutput(TALLY, {"dedup.content_reused": 1})
         for row in rows_of(known, vector, self._fingerprint):
             yield TaggedOutput(KNOWN, row)

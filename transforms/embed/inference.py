@@ -21,7 +21,8 @@ from transforms.common.records import failures_of
 from transforms.common.tally import TALLY
 from transforms.embed import dedup as content_dedup
 from transforms.embed import models
-from transforms.embed.models import LoadedModel, load
+from transforms.embed.auto_precision import PrecisionChooser, candidates
+from transforms.embed.models import load
 from transforms.embed.precision import configure_tensorflow
 from transforms.embed.spec import ModelSpec
 
@@ -39,49 +40,77 @@ def stacked(batch: Sequence[np.ndarray], size: int) -> np.ndarray:
 
 
 class _OnFirstBatch:
-    """The process's model, loaded (once, thread-safely) when first needed."""
+    """The process's model and its precision, loaded (once, thread-safely)
+    when first needed; both embed steps of a process share them."""
 
-    def __init__(self, model_uri: str, spec: ModelSpec, threads: int, precision: str):
-        self._args = (model_uri, spec, threads, precision)
-        self._lock = threading.Lock()
-        self._model: Optional[LoadedModel] = None
+    def __init__(self, model_uri: str, spec: ModelSpec, threads: int, precision: str,
+                 key: str):
+        self._args = (model_uri, spec, threads, precision, key)
 
-    def loaded(self) -> LoadedModel:
-        with self._lock:
-            if self._model is None:
-                model_uri, spec, threads, precision = self._args
-                if spec.format != "onnx":
-                    configure_tensorflow(threads, precision)
-                image_size = spec.image_size if spec.size_from != "model" else 0
-                before = models.LOADS[0]
-                self._model = load(model_uri, spec.normalize, image_size, threads)
-                # RunInference counts a load per step; this counts the process's real ones.
-                Metrics.counter("embed", "models_loaded").inc(models.LOADS[0] - before)
-            return self._model
+    def loaded(self) -> PrecisionChooser:
+        model_uri, spec, threads, precision, key = self._args
+        with _CHOOSERS_LOCK:
+            chooser = _CHOOSERS.get((key, precision, threads))
+            if chooser is None:
+                chooser = _CHOOSERS[(key, precision, threads)] = _chooser(*self._args)
+        return chooser
 
 
-class ImageEmbedder(ModelHandler[np.ndarray, np.ndarray, "_OnFirstBatch"]):
-    """uint8 pictures of the model's size → float32 embeddings, in fixed-size batches.
+_CHOOSERS: dict = {}
+_CHOOSERS_LOCK = threading.Lock()
+
+
+def _chooser(model_uri: str, spec: ModelSpec, threads: int, precision: str,
+             key: str) -> PrecisionChooser:
+    if spec.format != "onnx":
+        configure_tensorflow(threads, "float32")
+    image_size = spec.image_size if spec.size_from != "model" else 0
+    before = models.LOADS[0]
+    model = load(model_uri, spec.normalize, image_size, threads)
+    # RunInference counts a load per step; this counts the process's real ones.
+    Metrics.counter("embed", "models_loaded").inc(models.LOADS[0] - before)
+
+    def runner(name: str):
+        if name in ("float32", "bfloat16"):
+            configure_tensorflow(threads, name)
+            return model.embed
+        raise ValueError(f"precision {name} cannot run {spec.format} models here")
+
+    tried = candidates(spec.format, precision)
+    if precision not in ("auto", "float32"):  # asked for by name: no check, no fallback
+        return PrecisionChooser(key, [], runner(precision), runner, fixed=precision)
+    return PrecisionChooser(key, tried, model.embed, runner)
+
+
+class ImageEmbedder(ModelHandler[np.ndarray, tuple, "_OnFirstBatch"]):
+    """uint8 pictures of the model's size → (float32 embedding, precision,
+    the precision check's figures or None), in fixed-size batches.
 
     `spec` is what the launcher's contract check found (or the previous
     snapshot's manifest recorded): the worker loads the model with the same
-    input options, so it makes the same vectors."""
+    input options, so it makes the same vectors. `key` (the embedder's
+    fingerprint) keys the precision verdict kept on the machine."""
 
     def __init__(self, model_uri: str, spec: ModelSpec, batch_size: int = 16,
-                 threads: int = 0, precision: str = "float32"):
+                 threads: int = 0, precision: str = "auto", key: str = ""):
         super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
         self._model_uri = model_uri
         self._spec = spec
         self._threads = threads
         self._precision = precision
+        self._key = key or model_uri
 
     def load_model(self) -> "_OnFirstBatch":
-        return _OnFirstBatch(self._model_uri, self._spec, self._threads, self._precision)
+        return _OnFirstBatch(self._model_uri, self._spec, self._threads, self._precision,
+                             self._key)
 
     def run_inference(self, batch: Sequence[np.ndarray], model: "_OnFirstBatch",
-                      inference_args: Optional[dict] = None) -> Iterable[np.ndarray]:
+                      inference_args: Optional[dict] = None) -> Iterable[tuple]:
         # Bare vectors: a PredictionResult would keep the input picture alive.
-        return list(model.loaded().embed(stacked(batch, self._spec.image_size)))
+        vectors, precision, check = model.loaded().embed(stacked(batch,
+                                                                 self._spec.image_size))
+        return [(vector, precision, check if i == 0 else None)
+                for i, vector in enumerate(vectors)]
 
     def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
         return sum(image.nbytes for image in batch)
@@ -103,14 +132,31 @@ class _ToRows(beam.DoFn):
         self._run = run
 
     def process(self, keyed):
-        image, vector = keyed  # run_inference returns bare vectors, not PredictionResults
+        image, (vector, precision, check) = keyed  # not PredictionResults: see run_inference
         vector = np.asarray(vector, dtype=np.float32)
+        image = dict(image, precision=precision)
         content_dedup.remember(self._run, image, vector)
-        yield TaggedOutput(TALLY, {"embed.inferred": 1})
+        yield TaggedOutput(TALLY, {"embed.inferred": 1, f"embed.precision.{precision}": 1,
+                                   **(check_tally(check) if check else {})})
         yield TaggedOutput(CACHE, {"image_sha256": image.get("image_sha256"),
                                    "width": image.get("width"), "height": image.get("height"),
-                                   "embedding": vector})
+                                   "precision": precision, "embedding": vector})
         yield from content_dedup.rows_of(image, vector, self._fingerprint)
+
+
+def check_tally(check: dict) -> dict:
+    """A process's precision verdict as tally counts; `min:` keys merge by their
+    minimum (tally.MergeTallies), so the manifest shows the worst process's."""
+    counts = {f"precision.chose.{check['precision']}": 1}
+    for name, figures in (check.get("checks") or {}).items():
+        counts[f"precision.{name}.checks"] = 1
+        counts[f"precision.{name}.passed"] = int(bool(figures.get("passed")))
+        for figure in ("cosine_min", "cosine_mean", "neighbour_agreement"):
+            if figure in figures:
+                counts[f"min:precision.{name}.{figure}"] = float(figures[figure])
+    if check.get("cached"):
+        counts["precision.verdicts_reused"] = 1
+    return counts
 
 
 def _failed_batch(failed) -> Iterable[dict]:

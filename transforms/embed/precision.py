@@ -10,7 +10,7 @@ import logging
 
 from transforms.embed.tf_quiet import import_tensorflow
 
-PRECISIONS = ("float32", "bfloat16")
+PRECISIONS = ("float32", "bfloat16")  # what TensorFlow itself is set to
 _LOG = logging.getLogger(__name__)
 
 
@@ -55,6 +55,17 @@ def cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
 
 
 def cpu_supports_bfloat16() -> bool:

@@ -86,6 +86,7 @@ class _ReadEmbeddings(beam.DoFn):
             image = image_element(tasks, content=None, sha=row["image_sha256"],
                                   width=row["width"], height=row["height"],
                                   validators_per_task=True)
+            image["precision"] = row.get("precision")
             yield from embedding_rows(image, np.asarray(row["embedding"], np.float32),
                                       self._fingerprint)
         yield from _lost(wanted, part)

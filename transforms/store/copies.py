@@ -2,16 +2,20 @@
 
 Camera originals are megabytes; what any embedder needs is a few hundred
 pixels on the shorter side. The store keeps one copy per distinct content
-that every model can read: EXIF orientation applied, RGB, the shorter side
-at most `STORE_PX`, as a JPEG. It is made once, on the fetching worker, from
-a reduced-size decode (libjpeg's DCT scaling), so it costs about what the
-model's own decode cost before, and every later model (and every later run)
-decodes a small JPEG instead of the original. A picture already small enough,
-upright and RGB JPEG is kept as it was fetched, bit for bit.
+that every model can read: EXIF orientation applied, RGB, as a JPEG, at the
+smallest JPEG decoding scale (libjpeg's DCT scaling: 1/2, 1/4, 1/8) whose
+shorter side still covers `STORE_PX`, so between 299 and 597 px. That scale
+is exactly the one the model's own decode picks for inputs up to 299 px, so
+no resampling happens before the model's own resize: the model sees what it
+would have seen from the original bytes, but for one JPEG round trip at
+`QUALITY` with full chroma (4:4:4). A picture already small enough, upright
+and RGB JPEG is kept as it was fetched, bit for bit.
 
-`STORE_PX` and `QUALITY` were chosen with a trained model on real photos
-(`bench/store_fidelity.py`): the embeddings of the stored copy match those
-of the original bytes at cosine >= 0.999 for both resize modes.
+`STORE_PX`, `QUALITY` and `SUBSAMPLING` were chosen with a trained model on
+real photos (`bench/store_fidelity.py`, ImageNet EfficientNet-Lite0 on the
+photos of ../shared): see the README for the cosines and sizes, and for why
+a lossy copy cannot come closer (the model's own sensitivity to ±1 in pixel
+values).
 """
 from __future__ import annotations
 
@@ -22,14 +26,15 @@ from PIL import Image
 
 from transforms.common.pictures import DecodeError, decode_rgb
 
-STORE_PX = 320      # shorter side kept: covers inputs up to 320 px (fungi_V2's 299, 224)
-QUALITY = 90        # JPEG quality of the copy
-SUBSAMPLING = 0     # 4:4:4 chroma: no colour bleeding at the small size
+STORE_PX = 299      # the shorter side the copy covers: fungi_V2's 299, and 224
+QUALITY = 95        # JPEG quality of the copy
+SUBSAMPLING = 0     # 4:4:4 chroma
+KEEP_BYTES = 160_000  # a picture this small, within the bound, is kept as fetched
 FORMAT = "jpeg"
 # Bytes of one re-encoded copy of a camera photo (1600x1200 and larger), the
 # mean over the real photos of ../shared (bench/store_fidelity.py); what
 # `gbif-embed plan` multiplies by to size a store.
-BYTES_PER_STORED_PICTURE = 52_000
+BYTES_PER_STORED_PICTURE = 86_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,18 +50,20 @@ class StoredCopy:
 def make_copy(content: bytes, max_pixels: int = 100_000_000,
               short_side: int = STORE_PX) -> StoredCopy:
     """Fetched bytes → the store's copy; DecodeError for what is not a picture."""
-    if _already_a_copy(content, short_side):
+    if _already_a_copy(content, 2 * short_side - 1):
         with Image.open(io.BytesIO(content)) as image:
             width, height = image.size
         return StoredCopy(content, width, height, width, height, True)
+    # The reduced-size decode the model's own decode would do: shorter side
+    # >= short_side, at a power-of-two scale of the original.
     rgb, source_width, source_height = decode_rgb(content, "center_crop", short_side,
                                                   max_pixels)
     width, height = rgb.size
     shorter = min(width, height)
-    if shorter > short_side:
+    if shorter >= 2 * short_side:  # beyond libjpeg's 1/8, or not a JPEG: resample
         scale = short_side / shorter
         rgb = rgb.resize((max(1, round(width * scale)), max(1, round(height * scale))),
-                         Image.Resampling.BILINEAR, reducing_gap=None)
+                         Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
     try:
         rgb.save(buffer, "JPEG", quality=QUALITY, subsampling=SUBSAMPLING, optimize=False)
@@ -66,15 +73,17 @@ def make_copy(content: bytes, max_pixels: int = 100_000_000,
                       source_height, False)
 
 
-def _already_a_copy(content: bytes, short_side: int) -> bool:
-    """An RGB JPEG no larger than the bound, without a rotation to apply."""
+def _already_a_copy(content: bytes, max_short_side: int) -> bool:
+    """A small RGB JPEG within the bound, without a rotation to apply."""
+    if len(content) > KEEP_BYTES:
+        return False
     try:
         image = Image.open(io.BytesIO(content))
     except Exception:
         return False
     try:
         return (image.format == "JPEG" and image.mode == "RGB"
-                and min(image.size) <= short_side
+                and min(image.size) <= max_short_side
                 and image.getexif().get(0x0112, 1) in (None, 1)
                 and _decodes(image))
     except Exception:

@@ -63,6 +63,7 @@ def cache_schema(width: int) -> pa.Schema:
         ("image_sha256", pa.string()),
         ("width", pa.int32()),      # the fetched picture's size, as rows carry it
         ("height", pa.int32()),
+        ("precision", pa.string()),   # what it was computed in (--precision)
         ("embedding", pa.list_(pa.float32(), width)),
     ])
 

@@ -51,6 +51,7 @@ def embedding_schema(dim: int = 256) -> pa.Schema:
         ("etag", pa.string()),
         ("last_modified", pa.string()),
         ("model_fingerprint", pa.string()),
+        ("precision", pa.string()),
         ("embedded_at", pa.timestamp("us", tz="UTC")),
         ("embedding", pa.list_(pa.float32(), dim)),
     ])

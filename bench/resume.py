@@ -9,8 +9,9 @@ runs again. The host logs every request, so both figures come from outside:
     resume_kept = images the second run did not fetch ÷ images fetched before the kill
 
 What a rerun must fetch again is what the first run fetched but had not yet
-made durable: at most about `--checkpoint_seconds` (10 s) of work per writer,
-plus the images between fetching and writing (decode lookahead, a batch).
+made durable in the image store: at most about `--checkpoint_seconds` (5 s)
+of each host shard's fetching (the fetch stage writes the store as it goes;
+rows it had not yet written are then embedded from the store, not fetched).
 
     .venv/bin/python bench/resume.py [--images 1600] [--rate 8] [--workers 1]
 
@@ -37,7 +38,8 @@ from tests.image_hosts import Host, ImageHosts  # noqa: E402
 def _parts_rows(output: str) -> int:
     import pyarrow.parquet as pq
     rows = 0
-    for path in glob.glob(f"{output}/snapshot-*/parts/*.parquet"):
+    for path in (glob.glob(f"{output}/snapshot-*/parts/embeddings-*.parquet")
+                 + glob.glob(f"{output}/snapshot-*/parts/failures-*.parquet")):
         try:
             rows += pq.ParquetFile(path).metadata.num_rows
         except OSError:

@@ -62,12 +62,12 @@ def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: 
                                                                       opts.max_images)
     to_do, reused, compare_tally = tasks | "CompareWithPrevious" >> CompareWithPrevious(
         previous_folder, model.fingerprint, opts.revalidate, resume_folders)
-    if opts.refetch:
-        to_fetch, stored, cached, lookup_tally = to_do, *(
-            p | f"No{name}" >> beam.Create([]) for name in ("Stored", "Cached", "Lookup"))
+    lookup = LookupStore(store, cache_folder, use_cache=not opts.full, spread=distributed)
+    looked_up = not opts.refetch and lookup.has_parts()  # a first run's store is empty
+    if looked_up:
+        to_fetch, stored, cached, lookup_tally = to_do | "LookupStore" >> lookup
     else:
-        to_fetch, stored, cached, lookup_tally = to_do | "LookupStore" >> LookupStore(
-            store, cache_folder, use_cache=not opts.full)
+        to_fetch, lookup_tally = to_do, p | "NothingStored" >> beam.Create([])
     fetched = to_fetch | "Fetch" >> FetchImages(fetch_config(opts, local_processes), store,
                                                 snapshot, every)
     changed, unchanged, split_tally = ((fetched.images, fetched[NOT_MODIFIED])
@@ -79,26 +79,32 @@ def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: 
         new, known, known_tally = changed | "SkipKnownContent" >> SkipKnownContent(
             model.fingerprint, snapshot)
     fresh = new | "EmbedFetched" >> embed_stage()
-    pictures, lost_pictures, pictures_tally = stored | "ReadStore" >> ReadStoredPictures()
-    from_store = pictures | "EmbedStored" >> embed_stage()
-    from_cache, lost_cached, cache_tally = cached | "ReadCache" >> ReadCachedEmbeddings(
-        model.fingerprint)
+    write = {"embeddings": [fresh[0], known, reused, unchanged],
+             "failures": [read_failures, fetched.failures, fresh[2]],
+             "thumbnails": [fresh[3]], "cache": [fresh[1]], "tally": [fresh[4]]}
+    if looked_up:  # pictures and embeddings the store already has
+        pictures, lost_pictures, pictures_tally = stored | "ReadStore" >> ReadStoredPictures()
+        from_store = pictures | "EmbedStored" >> embed_stage()
+        from_cache, lost_cached, cache_tally = cached | "ReadCache" >> ReadCachedEmbeddings(
+            model.fingerprint)
+        write["embeddings"] += [from_store[0], from_cache]
+        write["failures"] += [from_store[2], lost_pictures, lost_cached]
+        write["thumbnails"] += [from_store[3]]
+        write["cache"] += [from_store[1]]
+        write["tally"] += [from_store[4], pictures_tally, cache_tally]
 
     # Each input is written in the stage that makes it: on the local runner a
     # Flatten of PCollections from different stages holds every row in memory.
-    write = {"embeddings": (fresh[0], from_store[0], from_cache, known, reused, unchanged),
-             "failures": (read_failures, fetched.failures, fresh[2], from_store[2],
-                          lost_pictures, lost_cached),
-             "thumbnails": (fresh[3], from_store[3])}
-    written = {kind: rows | f"Write{kind.title()}" >> WriteParquet(
-                   folder, kind, schemas[kind], *every) for kind, rows in write.items()}
-    cache_written = (fresh[1], from_store[1]) | "WriteEmbeddingCache" >> WriteParquet(
+    written = {kind: tuple(write[kind]) | f"Write{kind.title()}" >> WriteParquet(
+                   folder, kind, schemas[kind], *every)
+               for kind in ("embeddings", "failures", "thumbnails")}
+    cache_written = tuple(write["cache"]) | "WriteEmbeddingCache" >> WriteParquet(
         cache_folder, snapshot, cache_schema(model.spec.width), *every, in_parts=False)
     failure_counts = [rows | f"CountFailures{i}" >> beam.Map(
                           lambda f: {f"failed.{f['stage']}.{f['reason']}": 1})
                       for i, rows in enumerate(write["failures"])]
     tally = ((read_tally, compare_tally, lookup_tally, fetched.tally, split_tally, known_tally,
-              fresh[4], from_store[4], pictures_tally, cache_tally, *failure_counts)
+              *write["tally"], *failure_counts)
              | "AllTallies" >> beam.Flatten()
              | "MergeTallies" >> beam.CombineGlobally(MergeTallies()))
     done = ((written["embeddings"], written["thumbnails"], cache_written)

@@ -102,9 +102,10 @@ def test_dataflow_dry_run_translates_the_real_pipeline(sample, tiny_model, gcs_b
     # store's copy of a picture (tens of kB), never its pixels.
     assert "ByContent/GroupByContent" in steps
     hinted = result["hinted_transforms"]
-    for branch in ("EmbedFetched", "EmbedStored"):
-        assert any(name.startswith(f"{branch}/Decode") for name in hinted), hinted
-        assert any(name.startswith(f"{branch}/Embed/RunInference") for name in hinted), hinted
+    assert any(name.startswith("EmbedFetched/Decode") for name in hinted), hinted
+    assert any(name.startswith("EmbedFetched/Embed/RunInference") for name in hinted), hinted
+    # (The store is empty here, so the branch that embeds stored pictures is not
+    # built; when it is, it is the same composite with the same hints.)
     assert not any(name.startswith(("Fetch", "ReadExport", "ByContent")) for name in hinted)
     assert not fs.exists(f"{gcs_bucket}/dry/out/LATEST")
 

@@ -149,7 +149,7 @@ def test_report_renders_in_headless_chromium(pictures, tmp_path):
     browser = _chromium()
     _, base_url = pictures
     output = str(tmp_path / "out")
-    folder = write_snapshot(output, fungus_rows(base_url), options=LOOPBACK)
+    write_snapshot(output, fungus_rows(base_url), options=LOOPBACK)
     write_evaluation(output, evaluate(output))
     url = "file://" + write_report(output)
 

@@ -88,7 +88,8 @@ class HostScheduler:
         self._queues: dict[str, _HostQueue] = {}
         self._running: collections.Counter = collections.Counter()
         self._awaiting: dict[str, int] = {}  # host -> id of the job waiting for its turn
-        self._total_running = 0
+        self._total_running = 0  # jobs on a thread: fetching, or making `after`'s result
+        self._after_running = 0
         self._done: collections.deque = collections.deque()
         self._queued = 0
         self._closed = False
@@ -195,6 +196,14 @@ class HostScheduler:
         except BaseException as exc:  # fetch never raises; if it did, the job still ends
             result = FetchResult(False, reason="internal_error", detail=repr(exc)[:300],
                                  final_url=job.url)
+        with self._cond:  # the host's slot is free once the answer is in
+            if self._awaiting.get(job.host) == job.id:
+                del self._awaiting[job.host]
+            self._running[job.host] -= 1
+            if not self._running[job.host]:
+                del self._running[job.host]
+            self._after_running += 1
+            self._cond.notify_all()
         extra = None
         if self._after is not None:
             try:
@@ -202,11 +211,7 @@ class HostScheduler:
             except BaseException as exc:  # `after` reports its own failures; if not, say so
                 extra = exc
         with self._cond:
-            if self._awaiting.get(job.host) == job.id:
-                del self._awaiting[job.host]
-            self._running[job.host] -= 1
-            if not self._running[job.host]:
-                del self._running[job.host]
+            self._after_running -= 1
             self._total_running -= 1
             self._done.append((job, result, extra))
             self._cond.notify_all()

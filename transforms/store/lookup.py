@@ -104,11 +104,17 @@ class LookupStore(beam.PTransform):
     The store's parts are listed here, when the graph is built: parts that
     this run writes are not looked up (they are what it fetches)."""
 
-    def __init__(self, store: str, cache_folder: str, use_cache: bool = True):
+    def __init__(self, store: str, cache_folder: str, use_cache: bool = True,
+                 spread: bool = True):
         super().__init__()
         self._store = ImageStore(store)
         self._cache_folder = cache_folder
         self._use_cache = use_cache
+        self._spread = spread  # distributed runners: spread the parts' reads over workers
+
+    def has_parts(self) -> bool:
+        """Whether the store holds anything yet (a first run's does not)."""
+        return bool(self._store.parts(self._store.folder("urls")))
 
     def expand(self, tasks):
         p = tasks.pipeline
@@ -117,8 +123,7 @@ class LookupStore(beam.PTransform):
             empty = p | "NothingStored" >> beam.Create([])
             return tasks, empty, p | "NothingCached" >> beam.Create([]), \
                 p | "NoStoreTally" >> beam.Create([])
-        index = (p | "UrlParts" >> beam.Create(url_parts)
-                 | "SpreadUrlParts" >> beam.Reshuffle()
+        index = (self._listed(p, "Url", url_parts)
                  | "UrlEntries" >> beam.FlatMap(lambda path: url_entries([path]))
                  | "ByIdentifier" >> beam.Map(lambda e: (e["identifier"], e)))
         by_url = ({"tasks": tasks | "KeyByIdentifier" >> beam.Map(
@@ -137,10 +142,11 @@ class LookupStore(beam.PTransform):
         tally = (by_url[TALLY], by_content[TALLY]) | "LookupTally" >> beam.Flatten()
         return to_fetch, by_content[STORED], by_content[CACHED], tally
 
-    @staticmethod
-    def _contents(p, label: str, parts: list[str]):
+    def _listed(self, p, label: str, parts: list[str]):
+        listed = p | f"{label}Parts" >> beam.Create(parts)
+        return listed | f"Spread{label}Parts" >> beam.Reshuffle() if self._spread else listed
+
+    def _contents(self, p, label: str, parts: list[str]):
         if not parts:
             return p | f"No{label}" >> beam.Create([])
-        return (p | f"{label}Parts" >> beam.Create(parts)
-                | f"Spread{label}Parts" >> beam.Reshuffle()
-                | f"{label}Index" >> beam.ParDo(_ShaColumn()))
+        return self._listed(p, label, parts) | f"{label}Index" >> beam.ParDo(_ShaColumn())

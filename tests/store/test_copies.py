@@ -78,6 +78,8 @@ def test_orientation_is_applied_and_other_modes_become_rgb():
 @pytest.mark.parametrize("content, reason", [
     (b"<html>not a picture</html>", "not_an_image"),
     (jpeg_bytes(synthetic_photo(4, size=(1600, 1200)))[:4000], "truncated"),
+    # Small enough to be kept as fetched, were it whole: a cut transfer never is.
+    (jpeg_bytes(synthetic_photo(4, size=(320, 320)))[:3000], "truncated"),
 ])
 def test_what_is_not_a_picture_says_why(content, reason):
     with pytest.raises(DecodeError) as err:

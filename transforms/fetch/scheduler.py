@@ -89,7 +89,6 @@ class HostScheduler:
         self._running: collections.Counter = collections.Counter()
         self._awaiting: dict[str, int] = {}  # host -> id of the job waiting for its turn
         self._total_running = 0  # jobs on a thread: fetching, or making `after`'s result
-        self._after_running = 0
         self._done: collections.deque = collections.deque()
         self._queued = 0
         self._closed = False
@@ -183,10 +182,20 @@ class HostScheduler:
         return 0.0 if started else wake
 
     def _sent(self, job: Job) -> None:
+        if self._awaiting.get(job.host) != job.id:  # the usual case: no lock to take
+            return  # (only the dispatcher sets it, to a newer job, under the lock)
         with self._cond:
             if self._awaiting.get(job.host) == job.id:
                 del self._awaiting[job.host]
                 self._cond.notify_all()
+
+    def _free_slot(self, job: Job) -> None:
+        """The host's slot (held with `_cond`): its answer is in."""
+        if self._awaiting.get(job.host) == job.id:
+            del self._awaiting[job.host]
+        self._running[job.host] -= 1
+        if not self._running[job.host]:
+            del self._running[job.host]
 
     def _run(self, job: Job) -> None:
         try:
@@ -196,22 +205,18 @@ class HostScheduler:
         except BaseException as exc:  # fetch never raises; if it did, the job still ends
             result = FetchResult(False, reason="internal_error", detail=repr(exc)[:300],
                                  final_url=job.url)
-        with self._cond:  # the host's slot is free once the answer is in
-            if self._awaiting.get(job.host) == job.id:
-                del self._awaiting[job.host]
-            self._running[job.host] -= 1
-            if not self._running[job.host]:
-                del self._running[job.host]
-            self._after_running += 1
-            self._cond.notify_all()
         extra = None
         if self._after is not None:
+            with self._cond:  # the host's slot is free once the answer is in
+                self._free_slot(job)
+                self._cond.notify_all()
             try:
                 extra = self._after(job, result)
             except BaseException as exc:  # `after` reports its own failures; if not, say so
                 extra = exc
         with self._cond:
-            self._after_running -= 1
+            if self._after is None:
+                self._free_slot(job)
             self._total_running -= 1
             self._done.append((job, result, extra))
             self._cond.notify_all()

@@ -218,7 +218,7 @@ def format_plan(plan: dict, config: FetchConfig) -> str:
                      f"{plural(n, 'worker')} x {m} vCPUs, "
                      f"{plan['model_change_vcpu_hours']:,.2f} vCPU-hours")
     lines.append(f"image store: {plan['distinct_urls']:,} pictures x "
-                 f"~{plan['store_bytes_per_picture'] / 1024:.0f} kB = "
+                 f"~{plan['store_bytes_per_picture'] / 1000:.0f} kB = "
                  f"~{plan['store_bytes'] / 1e9:,.2f} GB (one copy per content, shorter side "
                  f"299-597 px)")
     lines.append(NOT_MODELLED)

@@ -14,4 +14,5 @@ if [ ! -f "$MODEL/tfhub_module.pb" ]; then
   echo "building the Inception-v4 stand-in embedder once (STAND-IN, not the DMS model) in $MODEL"
   "$VENV/bin/gbif-embed" make-model --out "$MODEL" --arch inception_v4
 fi
-exec "$VENV/bin/gbif-embed" demo --model "$MODEL" "$@"
+# Not exec: the run times its start from its own process start, not this script's.
+"$VENV/bin/gbif-embed" demo --model "$MODEL" "$@"

@@ -41,42 +41,33 @@ def real_photos() -> list[str]:
                   if name.lower().endswith(".jpg"))
 
 
-def model(arch: str) -> str:
-    """The stand-in model of `arch`, built once into a cache folder (about 6 s
-    for inception_v4) and reused by later runs; the build is atomic."""
-    target = os.path.join(CACHE, "models", arch)
-    if os.path.exists(os.path.join(target, "tfhub_module.pb")):
+def model(arch: str, fmt: str = "tf1hub") -> str:
+    """`arch` in `fmt`, as `gbif-embed make-model` builds it, built once into
+    the cache folder (about 6 s for inception_v4) and reused by later runs;
+    the build is atomic, and marked complete beside the model's own files."""
+    target = os.path.join(CACHE, "models", f"{arch}-{fmt}")
+    if os.path.exists(target + ".complete"):
         return target
     from pipeline.models.make_model import build_model
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix=f"{arch}-", dir=os.path.dirname(target))
-    log(f"building the {arch} stand-in model in {target} ...")
-    build_model(os.path.join(scratch, "m"), arch)
+    scratch = tempfile.mkdtemp(prefix=f"{arch}-{fmt}-", dir=os.path.dirname(target))
+    log(f"building {arch} ({fmt}) in {target} ...")
+    build_model(os.path.join(scratch, "m"), arch, fmt=fmt)
+    shutil.rmtree(target, ignore_errors=True)
     try:
         os.rename(os.path.join(scratch, "m"), target)
     except OSError:  # another run built it meanwhile
         pass
+    open(target + ".complete", "w").close()
     shutil.rmtree(scratch, ignore_errors=True)
     return target
 
 
 def trained_model(fmt: str = "tf1hub") -> str:
     """ImageNet EfficientNet-Lite0 (trained weights, `gbif-embed make-model --arch
-    efficientnet_lite0`) in `fmt`, built once into the cache folder: what every
-    fidelity figure is measured on (random weights amplify any change)."""
-    target = os.path.join(CACHE, "models", f"efficientnet_lite0-{fmt}")
-    if os.path.exists(target + ".complete"):  # beside it: not one of the model's files
-        return target
-    from pipeline.models.make_model import build_model
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix="lite0-", dir=os.path.dirname(target))
-    log(f"building ImageNet EfficientNet-Lite0 ({fmt}) in {target} ...")
-    build_model(os.path.join(scratch, "m"), "efficientnet_lite0", 1280, 0, fmt)
-    shutil.rmtree(target, ignore_errors=True)
-    os.rename(os.path.join(scratch, "m"), target)
-    open(target + ".complete", "w").close()
-    shutil.rmtree(scratch, ignore_errors=True)
-    return target
+    efficientnet_lite0`) in `fmt`: what every fidelity figure is measured on
+    (random weights amplify any change)."""
+    return model("efficientnet_lite0", fmt)
 
 
 def nearest_unchanged(reference, candidate) -> tuple[int, int]:

@@ -29,7 +29,6 @@ import argparse
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,24 +45,6 @@ from pipeline.machine import describe_cpu  # noqa: E402
 ARCHS = {"efficientnet_lite0": (224, 1280), "inception_v4": (299, 256)}
 MIXED_HEAD = 0.4  # share of compute nodes kept float in int8-mixed (passes on Lite0)
 INT8_MIN_GAIN = 1.5  # int8 must beat the fastest float precision that passes by this much
-
-
-def model_path(arch: str, fmt: str) -> str:
-    """`arch` in `fmt`, built once into the benchmarks' cache folder (atomic)."""
-    target = os.path.join(common.CACHE, "models", f"{arch}-{fmt}")
-    if os.path.isdir(target):
-        return target
-    from pipeline.models.make_model import build_model
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix=f"{arch}-{fmt}-", dir=os.path.dirname(target))
-    log(f"building {arch} ({fmt}) in {target} ...")
-    build_model(os.path.join(scratch, "m"), arch, ARCHS[arch][1], 0, fmt)
-    try:
-        os.rename(os.path.join(scratch, "m"), target)
-    except OSError:  # another run built it meanwhile
-        pass
-    shutil.rmtree(scratch, ignore_errors=True)
-    return target
 
 
 def pictures(size: int) -> np.ndarray:
@@ -190,11 +171,11 @@ def int8_models(arch: str, source: str, calibration: np.ndarray, work: str
     if source == "tf1hub":
         from transforms.embed.models import load
         from bench.int8_convert import tf_to_onnx
-        model = load(model_path(arch, "tf1hub"))
+        model = load(common.model(arch, "tf1hub"))
         src, costs["tf2onnx"] = timed(tf_to_onnx, model, os.path.join(work, f"{arch}.onnx"))
         spec = model.spec
     else:
-        src = os.path.join(model_path(arch, "onnx"), "model.onnx")
+        src = os.path.join(common.model(arch, "onnx"), "model.onnx")
         spec = ModelSpec("onnx", size, "NCHW", 0, "imagenet")
     out = {"float32-ort": (src, spec.layout, spec.normalize)} if source == "tf1hub" else {}
     for name, head in (("int8", 0.0), ("int8-mixed", MIXED_HEAD)):
@@ -226,7 +207,7 @@ def measure(arch: str, args: argparse.Namespace, precisions: list, pixels: np.nd
                 children[p] = Child(p, path, args, size, batch, layout, normalize)
             else:
                 fmt = "onnx" if p == "float32-ort" else "tf1hub"
-                children[p] = Child(p, model_path(arch, fmt), args, size, batch)
+                children[p] = Child(p, common.model(arch, fmt), args, size, batch)
             print(f"{arch} {p}: loaded; AMX tile permission requested: "
                   f"{'yes' if children[p].hello['amx'] else 'no'}")
         rates = {p: [] for p in precisions}

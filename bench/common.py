@@ -41,6 +41,16 @@ def real_photos() -> list[str]:
                   if name.lower().endswith(".jpg"))
 
 
+def photo_links(work: str) -> tuple[str, list[str]]:
+    """A folder in `work` of links to the real photos (read in place, never
+    copied), to serve; returns it and the photos' names, sorted."""
+    folder = os.path.join(work, "images")
+    os.makedirs(folder)
+    for path in real_photos():
+        os.symlink(path, os.path.join(folder, os.path.basename(path)))
+    return folder, sorted(os.listdir(folder))
+
+
 def model(arch: str, fmt: str = "tf1hub") -> str:
     """`arch` in `fmt`, as `gbif-embed make-model` builds it, built once into
     the cache folder (about 6 s for inception_v4) and reused by later runs;

@@ -49,12 +49,7 @@ def main() -> None:
     model_dir = common.model(args.arch)
     work = tempfile.mkdtemp(prefix="bench-fixed-")
     try:
-        images = os.path.join(work, "images")
-        os.makedirs(images)
-        names = []
-        for path in common.real_photos():
-            os.symlink(path, os.path.join(images, os.path.basename(path)))
-            names.append(os.path.basename(path))
+        images, names = common.photo_links(work)
         with common.serve(images, distinct=True) as base_url:
             results = {}
             for n in (args.images, 3 * args.images):

@@ -59,11 +59,7 @@ def main() -> None:
     first_model, second_model = common.model("tiny"), common.model("inception_v4")
     work = tempfile.mkdtemp(prefix="bench-model-change-")
     try:
-        images = os.path.join(work, "images")
-        os.makedirs(images)
-        for path in common.real_photos():
-            os.symlink(path, os.path.join(images, os.path.basename(path)))
-        names = sorted(os.listdir(images))
+        images, names = common.photo_links(work)
         output = os.path.join(work, "out")
         with common.serve(images, distinct=True) as base_url:
             urls = [f"{base_url}{names[i % len(names)]}?copy={i}" for i in range(args.images)]

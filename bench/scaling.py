@@ -66,11 +66,7 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="bench-scaling-")
     ratios, rates = [], {1: [], 2: []}
     try:
-        images = os.path.join(work, "images")
-        os.makedirs(images)
-        for path in common.real_photos():
-            os.symlink(path, os.path.join(images, os.path.basename(path)))
-        names = sorted(os.listdir(images))
+        images, names = common.photo_links(work)
         with common.serve(images, distinct=True) as base_url:
             for round_no in range(args.rounds):
                 # New URLs each round: every run fetches and embeds them all.

@@ -190,7 +190,7 @@ class HostScheduler:
                 self._cond.notify_all()
 
     def _free_slot(self, job: Job) -> None:
-        """The host's slot (held with `_cond`): its answer is in."""
+        """Gives back the host's slot (called holding `_cond`)."""
         if self._awaiting.get(job.host) == job.id:
             del self._awaiting[job.host]
         self._running[job.host] -= 1
@@ -205,18 +205,16 @@ class HostScheduler:
         except BaseException as exc:  # fetch never raises; if it did, the job still ends
             result = FetchResult(False, reason="internal_error", detail=repr(exc)[:300],
                                  final_url=job.url)
+        with self._cond:  # the host's slot is free once the answer is in
+            self._free_slot(job)
+            self._cond.notify_all()
         extra = None
         if self._after is not None:
-            with self._cond:  # the host's slot is free once the answer is in
-                self._free_slot(job)
-                self._cond.notify_all()
             try:
                 extra = self._after(job, result)
             except BaseException as exc:  # `after` reports its own failures; if not, say so
                 extra = exc
         with self._cond:
-            if self._after is None:
-                self._free_slot(job)
             self._total_running -= 1
             self._done.append((job, result, extra))
             self._cond.notify_all()

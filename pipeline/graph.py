@@ -37,7 +37,8 @@ from transforms.write.snapshot import PublishSnapshot, join
 
 
 def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: dict,
-          model: RunModel, store: str, inference_threads: int, distributed: bool = False,
+          model: RunModel, precision: str, store: str, inference_threads: int,
+          distributed: bool = False,
           local_processes: int = 1, previous_folder: Optional[str] = None,
           resume_folders: Sequence[str] = ()) -> None:
     folder = join(opts.output, snapshot)
@@ -49,8 +50,7 @@ def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: 
     def embed_stage() -> EmbedImages:
         stage = EmbedImages(
             ImageEmbedder(opts.model, model.spec, batch_size=opts.batch_size,
-                          threads=inference_threads, precision=opts.precision,
-                          key=model.fingerprint),
+                          threads=inference_threads, precision=precision),
             model.fingerprint, snapshot, resize=opts.resize, size=model.spec.image_size,
             max_pixels=opts.max_image_pixels, decode_threads=opts.decode_threads,
             batch_size=opts.batch_size)

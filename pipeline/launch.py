@@ -95,6 +95,7 @@ def _run(options: PipelineOptions, argv: Optional[Sequence[str]], opts: GbifEmbe
     model_fingerprint = model.fingerprint
     mode = "full" if opts.full else ("refresh" if previous else "first run")
     resumed = resumable_runs(opts.output, model_fingerprint, opts.full)
+    precision = _precision(options, opts, model, runner, store, snapshot)
     manifest = {
         "snapshot": snapshot,
         "previous_snapshot": previous,
@@ -105,6 +106,7 @@ def _run(options: PipelineOptions, argv: Optional[Sequence[str]], opts: GbifEmbe
         "options": {k: v for k, v in options.get_all_options(drop_default=True).items()},
         "resumed_from": resumed,
         "image_store": store,
+        "precision": precision,
     }
     write_atomically(join(opts.output, snapshot, RUN), json.dumps({
         "snapshot": snapshot, "launched_at": manifest["launched_at"],
@@ -112,7 +114,7 @@ def _run(options: PipelineOptions, argv: Optional[Sequence[str]], opts: GbifEmbe
         "export": identity}, indent=2, default=str))
     pipeline = beam.Pipeline(runner=runner, options=options)
     graph.build(pipeline, opts, snapshot=snapshot, manifest=manifest, model=model,
-                store=store, inference_threads=_inference_threads(options),
+                precision=precision["precision"], store=store, inference_threads=_inference_threads(options),
                 distributed=runner is None, local_processes=_local_processes(options),
                 previous_folder=join(opts.output, previous) if mode == "refresh" else None,
                 resume_folders=[join(opts.output, name) for name in resumed])
@@ -139,6 +141,25 @@ def _run(options: PipelineOptions, argv: Optional[Sequence[str]], opts: GbifEmbe
     if not opts.quiet:
         print(format_summary(result, opts.output, report))
     return result
+
+
+def _precision(options: PipelineOptions, opts: GbifEmbedOptions, model, runner, store: str,
+               snapshot: str) -> dict:
+    """The job's precision, decided here once (see pipeline/precision_choice.py)."""
+    from pipeline.options import fetch_config
+    from pipeline.precision_choice import choose_precision
+    from pipeline.precision_sample import run_sample
+    from transforms.embed.auto_precision import SAMPLE
+
+    def sample():
+        return run_sample(store, opts.export, fetch_config(opts, _local_processes(options)),
+                          snapshot, size=model.spec.image_size, resize=opts.resize,
+                          wanted=SAMPLE, max_images=opts.max_images)
+    choice = choose_precision(opts.precision, model, distributed=runner is None,
+                              sample=sample)
+    if not opts.quiet:
+        print(f"precision: {choice['precision']} ({choice['decided_by']})", flush=True)
+    return choice
 
 
 def _seconds_since_process_start() -> float:

@@ -36,9 +36,11 @@ def _embeddings(output: str, snapshot: str) -> dict:
 
 
 def _run(sample, model: str, output: str, *extra: str) -> dict:
+    """float32 pinned: these tests compare runners' vectors, not precisions
+    (tests/embed/test_auto_precision.py checks that a job has one precision)."""
     return run(PipelineOptions(["--export", sample.export, "--model", model,
                                 "--output", output, "--quiet", "--batch_size", "4",
-                                *LOOPBACK, *extra]))
+                                "--precision", "float32", *LOOPBACK, *extra]))
 
 
 @pytest.fixture(scope="module")

@@ -94,8 +94,10 @@ def write_tf2(net: Network, out_dir: str, signatures: bool = False) -> None:
     variables = TF2Variables()
     backend = TFBackend(variables)
     size = net.image_size
-    # Creates every variable eagerly; an empty batch costs next to nothing.
-    apply(net, backend, tf.zeros([0, size, size, 3], tf.float32))
+    # Creates every variable eagerly, on one picture: not on an empty batch,
+    # whose shapes oneDNN gets wrong (with its kernels on, conv2d of a batch
+    # of 0 returns its input's shape, so the next bias_add fails).
+    apply(net, backend, tf.zeros([1, size, size, 3], tf.float32))
 
     spec = tf.TensorSpec([None, size, size, 3], tf.float32, name=INPUT_KEY)
 

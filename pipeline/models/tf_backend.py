@@ -9,8 +9,9 @@ exist, so the ops are shared and a variable store is chosen per format:
   module.
 * `TF2Variables`: eager `tf.Variable`s. `tf.function` refuses to create
   variables while it traces, so a format writer first runs the network eagerly
-  on an empty batch (which creates every variable at almost no cost) and then
-  traces it, when the store hands back the same variables by name.
+  on one picture (which creates every variable; never on an empty batch, whose
+  shapes oneDNN's kernels get wrong) and then traces it, when the store hands
+  back the same variables by name.
 """
 from __future__ import annotations
 

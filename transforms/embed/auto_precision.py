@@ -1,17 +1,19 @@
 """`--precision auto`: the fastest precision that proves itself on the run's own pictures.
 
 Reduced precision is faithful on some models and not on others, and nobody
-should have to know which before a run. So each worker process embeds its
-first `SAMPLE` pictures in float32 (those rows are float32) and, for each
-precision faster than float32 that this CPU runs well and this model's format
-allows (fastest first), embeds the same pictures again and accepts the first
-whose embeddings stay where float32 puts them (`fidelity.self_check`: cosine
->= 0.995 for every picture, each picture's nearest neighbour in the sample
-unchanged for >= 95% of them). Every later picture of the process is then
-embedded at that precision; every row says which (`precision`), so a snapshot
-never mixes precisions silently. The verdict is kept on this machine, keyed
-by the embedder's fingerprint and the CPU, so later processes and runs skip
-the check (the fixed cost is paid once per model and kind of CPU).
+should have to know which before a run. So, for each precision faster than
+float32 that this CPU runs well and this model's format allows (fastest
+first), a sample of the run's pictures is embedded in float32 and in that
+precision, and the first whose embeddings stay where float32 puts them is
+taken (`fidelity.self_check`: cosine >= 0.995 for every picture, each
+picture's nearest neighbour in the sample unchanged for >= 95% of them).
+
+The decision is made once for the whole job, by the launcher, before the
+pipeline starts (`pipeline/precision_choice.py`); every worker then embeds at
+that precision and checks nothing. (Deciding in each worker process made a
+row's precision depend on how rows fell into processes.) The verdict is kept
+on this machine, keyed by the embedder's fingerprint and the CPU, so later
+runs skip the check: its fixed cost is paid once per model and kind of CPU.
 """
 from __future__ import annotations
 
@@ -20,14 +22,15 @@ import json
 import logging
 import os
 import tempfile
-import threading
 from typing import Callable, Optional
 
 import numpy as np
 
 from transforms.embed.precision import cpu_flags, cpu_model, cpu_supports_bfloat16
 
-SAMPLE = 32
+SAMPLE = 32      # pictures embedded twice by the check
+MIN_SAMPLE = 8   # fewer than this and the check cannot say much: float32
+CHECK_BATCH = 16
 PRECISIONS = ("auto", "float32", "bfloat16", "int8")
 _LOG = logging.getLogger(__name__)
 _VERDICTS = os.path.join(tempfile.gettempdir(), "gbif-embed-precision")
@@ -72,75 +75,37 @@ def write_verdict(key: str, tried: list[str], verdict: dict) -> None:
     os.replace(scratch, path)
 
 
-class PrecisionChooser:
-    """Embeds batches, float32 until the check has decided, then at its choice.
+def _embed(run: Callable[[np.ndarray], np.ndarray], pixels: np.ndarray) -> np.ndarray:
+    return np.concatenate([np.asarray(run(pixels[i:i + CHECK_BATCH]), np.float32)
+                           for i in range(0, len(pixels), CHECK_BATCH)])
 
-    `float32(pixels)` embeds in float32; `runner(precision)` returns a function
-    that embeds at that precision (switching the process to it), and
-    `runner("float32")` switches back. `key` identifies the embedder (its
-    fingerprint). `embed` returns (vectors, precision of these vectors, the
-    check's figures when this batch decided, else None).
-    """
 
-    def __init__(self, key: str, tried: list[str], float32: Callable,
-                 runner: Callable[[str], Callable], fixed: Optional[str] = None):
-        self._key, self._tried = key, list(tried)
-        self._float32, self._runner = float32, runner
-        self._lock = threading.Lock()
-        self._sample_pixels: list[np.ndarray] = []
-        self._sample_vectors: list[np.ndarray] = []
-        self._current: Callable = float32
-        self.precision: Optional[str] = fixed or (None if self._tried else "float32")
-        self.check: Optional[dict] = None
-        self._unreported = False
-        if self.precision is None:
-            verdict = read_verdict(key, self._tried)
-            if verdict is not None:
-                self.precision = verdict["precision"]
-                self.check, self._unreported = dict(verdict, cached=True), True
-                if self.precision != "float32":
-                    self._current = self._runner(self.precision)
-
-    def embed(self, pixels: np.ndarray) -> tuple[np.ndarray, str, Optional[dict]]:
-        with self._lock:
-            if self.precision is None:
-                vectors, precision = self._float32(pixels), "float32"
-                self._sample_pixels.append(pixels)
-                self._sample_vectors.append(vectors)
-                if sum(len(p) for p in self._sample_pixels) >= SAMPLE:
-                    self._decide()
-            else:
-                vectors, precision = self._current(pixels), self.precision
-            report, self._unreported = (self.check if self._unreported else None), False
-            return vectors, precision, report
-
-    def _decide(self) -> None:
-        from transforms.embed.fidelity import self_check
-        pixels = np.concatenate(self._sample_pixels)[:SAMPLE]
-        reference = np.concatenate(self._sample_vectors)[:SAMPLE]
-        self._sample_pixels, self._sample_vectors = [], []
-        checks = {}
-        chosen = "float32"
-        for precision in self._tried:
-            try:
-                run = self._runner(precision)
-                candidate = np.concatenate([run(pixels[i:i + 16])
-                                            for i in range(0, len(pixels), 16)])
-                checks[precision] = self_check(reference, candidate)
-            except Exception as err:  # a precision that cannot run is one that failed
-                checks[precision] = {"passed": False, "error": f"{type(err).__name__}: {err}"}
-            if checks[precision]["passed"]:
-                chosen = precision
-                break
-            _LOG.warning("--precision auto: %s did not pass the self-check on this run's "
-                         "pictures (%s); trying the next precision", precision,
-                         checks[precision])
-        self._current = self._runner(chosen)
-        self.precision = chosen
-        self.check = {"precision": chosen, "tried": self._tried, "checks": checks,
-                      "sample": int(len(pixels))}
-        self._unreported = True
+def decide(key: str, tried: list[str], runner: Callable[[str], Callable],
+           pixels: np.ndarray) -> dict:
+    """The check on a sample: `runner(name)` switches the process to that
+    precision and returns the function that embeds in it. Returns the verdict
+    (`precision`, `tried`, `checks`: each candidate's figures, `sample`), kept
+    on this machine for `key`; the process is left in float32."""
+    from transforms.embed.fidelity import self_check
+    pixels = np.asarray(pixels)[:SAMPLE]
+    reference = _embed(runner("float32"), pixels)
+    checks: dict = {}
+    chosen = "float32"
+    for precision in tried:
         try:
-            write_verdict(self._key, self._tried, self.check)
-        except OSError:
-            pass
+            checks[precision] = self_check(reference, _embed(runner(precision), pixels))
+        except Exception as err:  # a precision that cannot run is one that failed
+            checks[precision] = {"passed": False, "error": f"{type(err).__name__}: {err}"}
+        if checks[precision]["passed"]:
+            chosen = precision
+            break
+        _LOG.warning("--precision auto: %s did not pass the self-check on this run's "
+                     "pictures (%s); trying the next precision", precision, checks[precision])
+    runner("float32")
+    verdict = {"precision": chosen, "tried": list(tried), "checks": checks,
+               "sample": int(len(pixels))}
+    try:
+        write_verdict(key, tried, verdict)
+    except OSError:
+        pass
+    return verdict

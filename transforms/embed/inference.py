@@ -21,7 +21,6 @@ from transforms.common.records import failures_of
 from transforms.common.tally import TALLY
 from transforms.embed import dedup as content_dedup
 from transforms.embed import models
-from transforms.embed.auto_precision import PrecisionChooser, candidates
 from transforms.embed.models import load
 from transforms.embed.precision import configure_tensorflow
 from transforms.embed.spec import ModelSpec
@@ -39,78 +38,78 @@ def stacked(batch: Sequence[np.ndarray], size: int) -> np.ndarray:
     return pictures
 
 
+class _Loaded:
+    """The process's model, switched to the job's precision."""
+
+    def __init__(self, embed, precision: str):
+        self.embed, self.precision = embed, precision
+
+
 class _OnFirstBatch:
-    """The process's model and its precision, loaded (once, thread-safely)
-    when first needed; both embed steps of a process share them."""
+    """The process's model at the job's precision, loaded (once, thread-safely)
+    when first needed; both embed steps of a process share it."""
 
-    def __init__(self, model_uri: str, spec: ModelSpec, threads: int, precision: str,
-                 key: str):
-        self._args = (model_uri, spec, threads, precision, key)
+    def __init__(self, model_uri: str, spec: ModelSpec, threads: int, precision: str):
+        self._args = (model_uri, spec, threads, precision)
 
-    def loaded(self) -> PrecisionChooser:
-        model_uri, spec, threads, precision, key = self._args
-        with _CHOOSERS_LOCK:
-            chooser = _CHOOSERS.get((key, precision, threads))
-            if chooser is None:
-                chooser = _CHOOSERS[(key, precision, threads)] = _chooser(*self._args)
-        return chooser
+    def loaded(self) -> _Loaded:
+        with _LOADED_LOCK:
+            loaded = _LOADED.get(self._args)
+            if loaded is None:
+                loaded = _LOADED[self._args] = _load(*self._args)
+        return loaded
 
 
-_CHOOSERS: dict = {}
-_CHOOSERS_LOCK = threading.Lock()
+_LOADED: dict = {}
+_LOADED_LOCK = threading.Lock()
 
 
-def _chooser(model_uri: str, spec: ModelSpec, threads: int, precision: str,
-             key: str) -> PrecisionChooser:
+def _load(model_uri: str, spec: ModelSpec, threads: int, precision: str) -> _Loaded:
+    """The precision was decided for the whole job by the launcher
+    (`pipeline/precision_choice.py`): a worker never checks it again, so the
+    same export gives the same precision on every row however many processes
+    or workers run it."""
+    if precision not in ("float32", "bfloat16"):
+        raise ValueError(f"the embed stage runs float32 or bfloat16, decided at launch; "
+                         f"found precision {precision!r}")
+    if spec.format == "onnx" and precision != "float32":
+        raise ValueError(f"precision {precision} cannot run {spec.format} models")
     if spec.format != "onnx":
-        configure_tensorflow(threads, "float32")
+        configure_tensorflow(threads, precision)
     image_size = spec.image_size if spec.size_from != "model" else 0
     before = models.LOADS[0]
     model = load(model_uri, spec.normalize, image_size, threads)
     # RunInference counts a load per step; this counts the process's real ones.
     Metrics.counter("embed", "models_loaded").inc(models.LOADS[0] - before)
-
-    def runner(name: str):
-        if name in ("float32", "bfloat16"):
-            configure_tensorflow(threads, name)
-            return model.embed
-        raise ValueError(f"precision {name} cannot run {spec.format} models here")
-
-    tried = candidates(spec.format, precision)
-    if precision not in ("auto", "float32"):  # asked for by name: no check, no fallback
-        return PrecisionChooser(key, [], runner(precision), runner, fixed=precision)
-    return PrecisionChooser(key, tried, model.embed, runner)
+    return _Loaded(model.embed, precision)
 
 
 class ImageEmbedder(ModelHandler[np.ndarray, tuple, "_OnFirstBatch"]):
-    """uint8 pictures of the model's size → (float32 embedding, precision,
-    the precision check's figures or None), in fixed-size batches.
+    """uint8 pictures of the model's size → (float32 embedding, precision),
+    in fixed-size batches.
 
     `spec` is what the launcher's contract check found (or the previous
     snapshot's manifest recorded): the worker loads the model with the same
-    input options, so it makes the same vectors. `key` (the embedder's
-    fingerprint) keys the precision verdict kept on the machine."""
+    input options, so it makes the same vectors. `precision` is the job's,
+    decided at launch (float32 or bfloat16)."""
 
     def __init__(self, model_uri: str, spec: ModelSpec, batch_size: int = 16,
-                 threads: int = 0, precision: str = "auto", key: str = ""):
+                 threads: int = 0, precision: str = "float32"):
         super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
         self._model_uri = model_uri
         self._spec = spec
         self._threads = threads
         self._precision = precision
-        self._key = key or model_uri
 
     def load_model(self) -> "_OnFirstBatch":
-        return _OnFirstBatch(self._model_uri, self._spec, self._threads, self._precision,
-                             self._key)
+        return _OnFirstBatch(self._model_uri, self._spec, self._threads, self._precision)
 
     def run_inference(self, batch: Sequence[np.ndarray], model: "_OnFirstBatch",
                       inference_args: Optional[dict] = None) -> Iterable[tuple]:
         # Bare vectors: a PredictionResult would keep the input picture alive.
-        vectors, precision, check = model.loaded().embed(stacked(batch,
-                                                                 self._spec.image_size))
-        return [(vector, precision, check if i == 0 else None)
-                for i, vector in enumerate(vectors)]
+        loaded = model.loaded()
+        vectors = loaded.embed(stacked(batch, self._spec.image_size))
+        return [(vector, loaded.precision) for vector in vectors]
 
     def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
         return sum(image.nbytes for image in batch)
@@ -132,31 +131,15 @@ class _ToRows(beam.DoFn):
         self._run = run
 
     def process(self, keyed):
-        image, (vector, precision, check) = keyed  # not PredictionResults: see run_inference
+        image, (vector, precision) = keyed  # not PredictionResults: see run_inference
         vector = np.asarray(vector, dtype=np.float32)
         image = dict(image, precision=precision)
         content_dedup.remember(self._run, image, vector)
-        yield TaggedOutput(TALLY, {"embed.inferred": 1, f"embed.precision.{precision}": 1,
-                                   **(check_tally(check) if check else {})})
+        yield TaggedOutput(TALLY, {"embed.inferred": 1, f"embed.precision.{precision}": 1})
         yield TaggedOutput(CACHE, {"image_sha256": image.get("image_sha256"),
                                    "width": image.get("width"), "height": image.get("height"),
                                    "precision": precision, "embedding": vector})
         yield from content_dedup.rows_of(image, vector, self._fingerprint)
-
-
-def check_tally(check: dict) -> dict:
-    """A process's precision verdict as tally counts; `min:` keys merge by their
-    minimum (tally.MergeTallies), so the manifest shows the worst process's."""
-    counts = {f"precision.chose.{check['precision']}": 1}
-    for name, figures in (check.get("checks") or {}).items():
-        counts[f"precision.{name}.checks"] = 1
-        counts[f"precision.{name}.passed"] = int(bool(figures.get("passed")))
-        for figure in ("cosine_min", "cosine_mean", "neighbour_agreement"):
-            if figure in figures:
-                counts[f"min:precision.{name}.{figure}"] = float(figures[figure])
-    if check.get("cached"):
-        counts["precision.verdicts_reused"] = 1
-    return counts
 
 
 def _failed_batch(failed) -> Iterable[dict]:

@@ -115,22 +115,6 @@ def summarize(tally: dict, embeddings: list, failures: list) -> dict:
     }
 
 
-def precision_summary(tally: dict) -> dict:
-    """What --precision decided in each worker process: the precisions chosen
-    (processes per precision), each candidate's checks and passes, and the
-    worst process's self-check figures (cosine min and mean to float32,
-    nearest-neighbour agreement in the sample)."""
-    chosen = {k.split(".", 2)[2]: v for k, v in tally.items() if k.startswith("precision.chose.")}
-    candidates: dict = {}
-    for key, value in tally.items():
-        name = key[4:] if key.startswith("min:") else key
-        parts = name.split(".")
-        if len(parts) == 3 and parts[0] == "precision" and parts[1] != "chose":
-            candidates.setdefault(parts[1], {})[parts[2]] = value
-    return {"processes_by_precision": chosen, "candidates": candidates,
-            "verdicts_reused": tally.get("precision.verdicts_reused", 0)}
-
-
 class _Publish(beam.DoFn):
     def __init__(self, output: str, snapshot: str, manifest: dict, schemas: dict,
                  keep_snapshots: int = 0):
@@ -175,7 +159,6 @@ class _Publish(beam.DoFn):
                                for p, n in sorted(written)]
                       for prefix, written in files.items()},
             "fetch": {k: v for k, v in tally.items() if k.startswith("fetch.")},
-            "precision": precision_summary(tally),
             "timings": {"seconds": round(seconds, 3),
                         "publish_s": round(time.monotonic() - publishing, 3),
                         "images_per_second": round(processed / seconds, 3) if seconds else None},

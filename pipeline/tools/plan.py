@@ -135,8 +135,9 @@ def planned_precision(model: str, requested: str) -> tuple[str, str]:
     if not tried:
         return "float32", ("--precision auto: this CPU runs no faster precision for this "
                            "model's format")
-    return tried[0], (f"--precision auto would try {tried[0]} first; the run keeps it only "
-                      "if it passes its self-check on the run's pictures")
+    return tried[0], (f"--precision auto would try {tried[0]} first; the run's launcher keeps "
+                      "it for the whole job only if it passes its self-check on the run's "
+                      "pictures (local runner; a distributed run's auto is float32)")
 
 
 def measure_rate(model: str, precision: str, seconds: float, normalize: str = "unit",

@@ -114,7 +114,8 @@ def _run(options: PipelineOptions, argv: Optional[Sequence[str]], opts: GbifEmbe
         "export": identity}, indent=2, default=str))
     pipeline = beam.Pipeline(runner=runner, options=options)
     graph.build(pipeline, opts, snapshot=snapshot, manifest=manifest, model=model,
-                precision=precision["precision"], store=store, inference_threads=_inference_threads(options),
+                precision=precision["precision"], store=store,
+                inference_threads=_inference_threads(options),
                 distributed=runner is None, local_processes=_local_processes(options),
                 previous_folder=join(opts.output, previous) if mode == "refresh" else None,
                 resume_folders=[join(opts.output, name) for name in resumed])

@@ -38,8 +38,8 @@ from transforms.write.snapshot import PublishSnapshot, join
 
 def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: dict,
           model: RunModel, precision: str, store: str, inference_threads: int,
-          distributed: bool = False, local_processes: int = 1, previous_folder: Optional[str] = None,
-          resume_folders: Sequence[str] = ()) -> None:
+          distributed: bool = False, local_processes: int = 1,
+          previous_folder: Optional[str] = None, resume_folders: Sequence[str] = ()) -> None:
     folder = join(opts.output, snapshot)
     every = (opts.checkpoint_rows, opts.checkpoint_seconds)
     schemas = {"embeddings": embedding_schema(model.spec.width), "failures": FAILURE_SCHEMA,

@@ -35,7 +35,10 @@ COMMANDS = ("import json, sys\n"
 
 
 def _gbif_embed(commands: list[list[str]], onednn: str) -> str:
-    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=onednn, TF_CPP_MIN_LOG_LEVEL="0")
+    # TensorFlow's own start-up lines shown (--verbose), whatever this process
+    # inherited from earlier tests that hid them.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GBIF_EMBED_", "TF_CPP_"))}
+    env.update(TF_ENABLE_ONEDNN_OPTS=onednn, GBIF_EMBED_VERBOSE="1")
     done = subprocess.run([sys.executable, "-c", COMMANDS, json.dumps(commands)],
                           cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]

@@ -96,6 +96,7 @@ class Api:
             retries=urllib3.Retry(total=10, connect=0, read=0, other=0, status=0,
                                   redirect=5, raise_on_redirect=True, raise_on_status=False))
         self._secrets: tuple[str, ...] = ()
+        self.say: Callable[[str], None] = lambda line: None  # one line per retry
 
     def url(self, path: str) -> str:
         return f"{self.root}/{path.lstrip('/')}"
@@ -126,6 +127,7 @@ class Api:
                         f"GBIF's API at {self.root} stayed unusable for {spent:.0f} s while "
                         f"{what} ({failures} tries; last: {unusable}); check the network or "
                         f"https://status.gbif.org and run the command again", GBIF) from None
+                self.say(f"gbif: {what}: {unusable}; trying again in {delay:.3g} s")
                 self.sleep(delay)
                 self.waited_s += delay
 

@@ -50,6 +50,7 @@ def export_from_gbif(opts: Any, argv: Optional[Sequence[str]],
                         f"found {opts.gbif_poll_seconds}", USAGE)
     folder = download_folder(opts.download_dir, opts.output)
     api = Api(opts.gbif_api, give_up_s=GIVE_UP_POLLS * poll_s, base_delay_s=poll_s)
+    api.say = say
     predicate = account = None
     if not opts.gbif_download:
         # Everything a request needs is checked before GBIF is asked for anything.

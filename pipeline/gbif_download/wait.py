@@ -54,8 +54,9 @@ def wait_for(api: Api, key: str, poll_s: float,
                             f"PREPARING, RUNNING, SUSPENDED, SUCCEEDED, FAILED, KILLED, "
                             f"CANCELLED, FILE_ERASED")
         if state != last_seen:
-            say(f"gbif: download {key} is {state}; asking again every {interval:.0f}–"
-                f"{poll_s * POLL_CAP:.0f} s (Ctrl-C stops waiting; it can be resumed)")
+            say(f"gbif: download {key} is {state}; asking again in {interval:.3g} s, then "
+                f"less often, up to every {poll_s * POLL_CAP:.3g} s (Ctrl-C stops waiting; "
+                "the wait can be resumed)")
             last_seen = state
         api.sleep(interval)
         interval = min(interval * BACKOFF, poll_s * POLL_CAP)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from typing import Callable, Optional
 
 from urllib3 import exceptions as u3e
@@ -20,6 +21,8 @@ from pipeline.gbif_download.errors import GBIF, GbifError
 from transforms.fetch.outcome import short
 
 CHUNK = 1 << 20
+# Where a zip bound for a remote --download_dir arrives (and resumes) first.
+STAGING = os.path.join(tempfile.gettempdir(), "gbif-embed-downloads")
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 
@@ -40,7 +43,29 @@ def expected_size(key: str, meta: dict) -> int:
 
 def fetch_zip(api: Api, key: str, meta: dict, folder: str,
               say: Callable[[str], None] = lambda line: None) -> str:
-    """The complete zip's local path; `GbifError` when it cannot be had whole."""
+    """The complete zip's path in `folder`; `GbifError` when it cannot be had whole.
+
+    A remote folder (gs://, for workers on other machines) gets the zip once it
+    is whole here, from a local staging folder that keeps the resumable part."""
+    if "://" not in folder:
+        return _fetch_local(api, key, meta, folder, say)
+    import fsspec
+    size = expected_size(key, meta)
+    fs, _, (remote,) = fsspec.get_fs_token_paths(f"{folder.rstrip('/')}/{key}.zip")
+    if fs.exists(remote) and fs.size(remote) == size:
+        say(f"gbif: {folder.rstrip('/')}/{key}.zip is already complete ({size:,} bytes); "
+            "not fetched again")
+        return f"{folder.rstrip('/')}/{key}.zip"
+    local = _fetch_local(api, key, meta, STAGING, say)
+    target = f"{folder.rstrip('/')}/{key}.zip"
+    say(f"gbif: copying {local} to {target}")
+    fs.put_file(local, remote)
+    os.remove(local)
+    return target
+
+
+def _fetch_local(api: Api, key: str, meta: dict, folder: str,
+                 say: Callable[[str], None]) -> str:
     size = expected_size(key, meta)
     os.makedirs(folder, exist_ok=True)
     final = os.path.join(folder, f"{key}.zip")

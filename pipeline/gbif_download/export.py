@@ -13,7 +13,6 @@ or fetching ends with `RunStopped`, whose message prints the
 from __future__ import annotations
 
 import datetime
-import os
 import shlex
 import signal
 from typing import Any, Callable, Optional, Sequence
@@ -25,6 +24,7 @@ from pipeline.gbif_download.request import (account_from_environment, check_down
                                             dataset_or_file, request_download)
 from pipeline.gbif_download.wait import wait_for
 from pipeline.interrupt import EXIT_CODES, Interrupted, RunStopped, stoppable
+from transforms.write.snapshot import join
 
 SOURCES = ("export", "gbif_dataset", "gbif_predicate", "gbif_download")
 _GBIF_FLAGS = ("--gbif_dataset", "--gbif_predicate", "--gbif_download")
@@ -81,16 +81,10 @@ def export_from_gbif(opts: Any, argv: Optional[Sequence[str]],
 
 
 def download_folder(download_dir: Optional[str], output: Optional[str]) -> str:
-    """Where the zip goes: --download_dir, else OUTPUT/downloads; a local folder
-    (the zip is written with seeks and appends, and resumed from what is there)."""
-    folder = download_dir or (os.path.join(output, "downloads") if output else "")
+    """Where the zip goes: --download_dir, else OUTPUT/downloads (local or gs://)."""
+    folder = download_dir or (join(output, "downloads") if output else "")
     if not folder:
         raise GbifError("--output is required", USAGE)
-    if "://" in folder:
-        raise GbifError(f"--download_dir: expected a local folder (the zip is fetched there "
-                        f"and resumed from what it holds); found {folder}"
-                        + ("" if download_dir else " (the default beside a remote --output): "
-                           "pass --download_dir"), USAGE)
     return folder
 
 

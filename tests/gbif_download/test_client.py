@@ -134,7 +134,6 @@ def test_the_account_comes_from_the_environment_only(api, monkeypatch, tmp_path)
     ({"gbif_download": "../../etc"}, "expected a GBIF download key"),
     ({"gbif_download": KEY, "export": "x.zip"}, "found --export and --gbif_download"),
     ({"gbif_download": KEY, "gbif_poll_seconds": 0}, "--gbif_poll_seconds"),
-    ({"gbif_download": KEY, "download_dir": "gs://b/d"}, "expected a local folder"),
 ])
 def test_bad_flags_are_one_line_before_any_request(api, account, tmp_path, flags, expected):
     with pytest.raises(GbifError) as err:
@@ -220,6 +219,23 @@ def test_a_part_left_by_an_earlier_run_is_continued(api, small_zip, tmp_path):
     # And a complete zip is not fetched again.
     fetch(options(api, tmp_path, gbif_download=KEY))
     assert len(_zip_gets(api)) == 1
+
+
+def test_a_remote_download_dir_gets_the_whole_zip_for_distributed_workers(api, small_zip,
+                                                                          tmp_path, gcs_bucket):
+    """gs:// (the GCS emulator): the zip arrives in a local staging folder, resumable
+    there, and is copied once whole; a second run finds it and fetches nothing."""
+    import fsspec
+    api.add(Download(KEY, small_zip, cuts=[len(small_zip) // 2]))
+    folder = f"{gcs_bucket}/runs/downloads"
+    path, provenance, lines = fetch(options(api, tmp_path, gbif_download=KEY,
+                                            download_dir=folder))
+    assert path == provenance["zip"] == f"{folder}/{KEY}.zip"
+    with fsspec.open(path, "rb") as handle:
+        assert handle.read() == small_zip
+    assert len(_zip_gets(api)) == 2 and any("copying" in line for line in lines)
+    fetch(options(api, tmp_path, gbif_download=KEY, download_dir=folder))
+    assert len(_zip_gets(api)) == 2
 
 
 def test_a_server_that_ignores_range_sends_it_whole_again(api, small_zip, tmp_path):

@@ -55,7 +55,7 @@ def run(options: PipelineOptions, argv: Optional[Sequence[str]] = None) -> dict:
     from pipeline.sdk_image import check_sdk_image
     from transforms.embed.models import forget_models
     from transforms.embed.precision import cpu_supports_bfloat16
-    from pipeline.gbif_download import export_from_gbif, wants_gbif
+    from pipeline.gbif_download import wants_gbif
     opts = options.view_as(GbifEmbedOptions)
     gbif = wants_gbif(opts)
     for flag in ("model", "output") if gbif else ("export", "model", "output"):
@@ -68,6 +68,7 @@ def run(options: PipelineOptions, argv: Optional[Sequence[str]] = None) -> dict:
                          "use --precision float32")
     gbif_download = None
     if gbif:  # the zip, fetched before the output folder is read
+        from pipeline.gbif_download.export import export_from_gbif
         opts.export, gbif_download = export_from_gbif(
             opts, argv, say=lambda line: None if opts.quiet else print(line, flush=True))
     with Archive(opts.export) as archive:

@@ -87,7 +87,6 @@ class Api:
         self.base_delay_s = base_delay_s
         self.sleep = sleep
         self.clock = clock
-        self.waited_s = 0.0  # total seconds slept on retries (what the tests measure)
         self.timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
         self.http = urllib3.PoolManager(
             headers={"User-Agent": DEFAULT_USER_AGENT}, ca_certs=_ca_bundle(),
@@ -129,7 +128,6 @@ class Api:
                         f"https://status.gbif.org and run the command again", GBIF) from None
                 self.say(f"gbif: {what}: {unusable}; trying again in {delay:.3g} s")
                 self.sleep(delay)
-                self.waited_s += delay
 
     def request(self, method: str, url: str, *, body: Optional[bytes] = None,
                 headers: Optional[dict] = None, stream: bool = False) -> Any:
@@ -153,7 +151,8 @@ class Api:
                 retry_after)
         return response
 
-    def get_json(self, path: str, what: str) -> Any:
+    def get_json(self, path: str, what: str, missing: str) -> Any:
+        """GET a JSON document; `missing`: what a 404 means, for its one line."""
         url = self.url(path)
 
         def send() -> Answer:
@@ -162,8 +161,7 @@ class Api:
 
         answer = self.call(what, send)
         if answer.status == 404:
-            raise GbifError(f"GBIF's API knows no {what.split(' ', 1)[-1]} at {url} (HTTP 404); "
-                            "check the download key", 2)
+            raise GbifError(f"GBIF's API has no {missing} (HTTP 404 for {url})", 2)
         if answer.status != 200:
             raise GbifError(f"GBIF's API answered HTTP {answer.status} while {what} at {url}: "
                             f"{self.snippet(answer.body)}")

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 from urllib3 import exceptions as u3e
 
 from pipeline.gbif_download.client import Api, Unusable
-from pipeline.gbif_download.errors import GBIF, GbifError
+from pipeline.gbif_download.errors import GbifError
 from transforms.fetch.outcome import short
 
 CHUNK = 1 << 20

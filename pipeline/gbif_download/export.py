@@ -17,6 +17,7 @@ import shlex
 import signal
 from typing import Any, Callable, Optional, Sequence
 
+from pipeline.gbif_download import SOURCES
 from pipeline.gbif_download.client import Api
 from pipeline.gbif_download.download import fetch_zip, zip_url
 from pipeline.gbif_download.errors import USAGE, GbifError
@@ -26,14 +27,9 @@ from pipeline.gbif_download.wait import wait_for
 from pipeline.interrupt import EXIT_CODES, Interrupted, RunStopped, stoppable
 from transforms.write.snapshot import join
 
-SOURCES = ("export", "gbif_dataset", "gbif_predicate", "gbif_download")
 _GBIF_FLAGS = ("--gbif_dataset", "--gbif_predicate", "--gbif_download")
 # How long the API may stay unusable, in poll intervals (60 s: 15 minutes).
 GIVE_UP_POLLS = 15
-
-
-def wants_gbif(opts: Any) -> bool:
-    return any(getattr(opts, name, None) for name in SOURCES[1:])
 
 
 def export_from_gbif(opts: Any, argv: Optional[Sequence[str]],

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 from pipeline.gbif_download.client import Account, Api
 from pipeline.gbif_download.errors import GBIF, USAGE, GbifError
@@ -103,10 +103,6 @@ def request_download(api: Api, predicate: dict, account: Account) -> str:
         raise GbifError(f"GBIF accepted the request but answered {api.snippet(answer.body)!r} "
                         "instead of a download key", GBIF)
     return key
-
-
-def describe(predicate: Any) -> str:
-    return json.dumps(predicate, sort_keys=True, separators=(",", ":"))
 
 
 def dataset_or_file(dataset: Optional[str], path: Optional[str]) -> dict:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from pipeline.gbif_download.client import Api
-from pipeline.gbif_download.errors import GBIF, GbifError
+from pipeline.gbif_download.errors import GbifError
 
 WAITING = frozenset({"PREPARING", "RUNNING", "SUSPENDED"})
 DONE = "SUCCEEDED"
@@ -26,7 +26,9 @@ POLL_CAP = 5.0
 
 
 def status(api: Api, key: str) -> dict:
-    answer = api.get_json(f"occurrence/download/{key}", f"asking for download {key}")
+    answer = api.get_json(f"occurrence/download/{key}", f"asking for download {key}",
+                          f"download {key}: check the key (gbif.org lists yours under "
+                          "https://www.gbif.org/user/download)")
     if not isinstance(answer, dict) or not isinstance(answer.get("status"), str):
         raise GbifError(f"GBIF's API answered for download {key} without a \"status\"; "
                         f"expected a download object (key, doi, status, downloadLink, size, ...)")

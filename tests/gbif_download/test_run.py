@@ -5,7 +5,6 @@ the account is never written or printed, and a failure or a Ctrl-C leaves
 the output folder as it was."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

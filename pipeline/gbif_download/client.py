@@ -130,17 +130,28 @@ class Api:
                 self.sleep(delay)
 
     def request(self, method: str, url: str, *, body: Optional[bytes] = None,
-                headers: Optional[dict] = None, stream: bool = False) -> Any:
-        """One HTTP exchange; "later" answers raise `Unusable`, others return."""
+                headers: Optional[dict] = None, stream: bool = False,
+                once: bool = False) -> Any:
+        """One HTTP exchange; "later" answers raise `Unusable`, others return.
+
+        `once`: a request that must not be sent twice (a download request: GBIF
+        might have made the download before an error) is retried only when it
+        surely was not received: a connection that never opened, or an answer
+        that says "not now" (420, 429, 503)."""
         try:
             response = self.http.request(method, url, body=body, headers=headers or {},
                                          timeout=self.timeout, preload_content=not stream)
         except u3e.MaxRetryError as err:
             if isinstance(err.reason, u3e.ResponseError):  # too many redirects
                 raise GbifError(f"{url}: too many redirects ({self._scrub(short(err))})") from None
-            raise Unusable(self._scrub(short(err.reason or err))) from None
+            self._unusable(err.reason or err, once)
         except (u3e.HTTPError, OSError) as err:
-            raise Unusable(self._scrub(short(err))) from None
+            self._unusable(err, once)
+        if once and response.status in (500, 502, 504):
+            raise GbifError(f"GBIF answered HTTP {response.status} to the download request; "
+                            "it may have been made all the same: see "
+                            "https://www.gbif.org/user/download, then resume with "
+                            "--gbif_download KEY or run the same command again")
         if response.status in RETRY_STATUSES:
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
             if stream:
@@ -150,6 +161,15 @@ class Api:
                 f" (Retry-After {retry_after:.0f} s)" if retry_after is not None else ""),
                 retry_after)
         return response
+
+    def _unusable(self, err: BaseException, once: bool) -> None:
+        if once and not isinstance(err, (u3e.NewConnectionError, u3e.ConnectTimeoutError,
+                                         ConnectionRefusedError)):
+            raise GbifError(f"the download request to GBIF got no answer "
+                            f"({self._scrub(short(err))}); it may have been made all the "
+                            "same: see https://www.gbif.org/user/download, then resume with "
+                            "--gbif_download KEY or run the same command again") from None
+        raise Unusable(self._scrub(short(err))) from None
 
     def get_json(self, path: str, what: str, missing: str) -> Any:
         """GET a JSON document; `missing`: what a 404 means, for its one line."""
@@ -175,7 +195,7 @@ class Api:
         body = json.dumps(payload).encode("utf-8")
 
         def send() -> Answer:
-            response = self.request("POST", url, body=body, headers=headers)
+            response = self.request("POST", url, body=body, headers=headers, once=True)
             return Answer(response.status, response.data, response.headers)
 
         return self.call(what, send)

@@ -66,7 +66,7 @@ def fetch(opts, argv: Optional[list] = None):
 
 def test_a_dataset_is_requested_waited_for_fetched_and_described(api, account, small_zip,
                                                                   tmp_path):
-    api.next_download = Download(KEY, small_zip, statuses=["PREPARING", "RUNNING", "RUNNING",
+    api.next_download = Download(KEY, small_zip, statuses=["PREPARING", "RUNNING", "SUSPENDED",
                                                             "SUCCEEDED"])
     path, provenance, lines = fetch(options(api, tmp_path, gbif_dataset=DMS))
 
@@ -179,6 +179,28 @@ def test_retry_after_is_honoured(api, account, small_zip, tmp_path, endpoint, st
         ("GET", f"/v1/occurrence/download/{KEY}")
     first, second = [r["time"] for r in api.requests(method, path)][:2]
     assert second - first >= 0.95
+
+
+def test_polling_backs_off_to_a_cap(api, small_zip, tmp_path):
+    """Intervals of 0.1 s × 1.5 per check, capped at 5 × 0.1 s."""
+    api.add(Download(KEY, small_zip, statuses=["RUNNING"] * 7 + ["SUCCEEDED"]))
+    fetch(options(api, tmp_path, gbif_download=KEY, gbif_poll_seconds=0.1))
+    times = [r["time"] for r in api.requests("GET", f"/v1/occurrence/download/{KEY}")]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    expected = [0.1, 0.15, 0.225, 0.3375, 0.5, 0.5, 0.5]
+    assert len(gaps) == len(expected)
+    for gap, wanted in zip(gaps, expected):
+        assert wanted * 0.95 <= gap < wanted + 0.25, (gaps, expected)
+
+
+@pytest.mark.parametrize("status", [500, 502])
+def test_an_ambiguous_answer_to_the_request_is_not_sent_again(api, account, tmp_path, status):
+    """GBIF may have made the download before failing: a second POST could make two."""
+    api.answers["request"] = [{"status": status}]
+    with pytest.raises(GbifError) as err:
+        fetch(options(api, tmp_path, gbif_dataset=DMS))
+    assert err.value.exit_code == 3 and "https://www.gbif.org/user/download" in str(err.value)
+    assert len(api.requests("POST")) == 1
 
 
 def _zip_gets(api: GbifApi) -> list[Optional[str]]:

@@ -51,13 +51,12 @@ def fetch_zip(api: Api, key: str, meta: dict, folder: str,
         return _fetch_local(api, key, meta, folder, say)
     import fsspec
     size = expected_size(key, meta)
-    fs, _, (remote,) = fsspec.get_fs_token_paths(f"{folder.rstrip('/')}/{key}.zip")
-    if fs.exists(remote) and fs.size(remote) == size:
-        say(f"gbif: {folder.rstrip('/')}/{key}.zip is already complete ({size:,} bytes); "
-            "not fetched again")
-        return f"{folder.rstrip('/')}/{key}.zip"
-    local = _fetch_local(api, key, meta, STAGING, say)
     target = f"{folder.rstrip('/')}/{key}.zip"
+    fs, _, (remote,) = fsspec.get_fs_token_paths(target)
+    if fs.exists(remote) and fs.size(remote) == size:
+        say(f"gbif: {target} is already complete ({size:,} bytes); not fetched again")
+        return target
+    local = _fetch_local(api, key, meta, STAGING, say)
     say(f"gbif: copying {local} to {target}")
     fs.put_file(local, remote)
     os.remove(local)

@@ -54,13 +54,13 @@ def export_from_gbif(opts: Any, argv: Optional[Sequence[str]],
         account = account_from_environment()
         _check_model_exists(opts.model)
     key = check_download_key(opts.gbif_download) if opts.gbif_download else None
-    requested_at = None
+    requested = False
     doing = "requesting"
     with stoppable(True):
         try:
             if key is None:
                 key = request_download(api, predicate, account)
-                requested_at = _now()
+                requested = True
                 say(f"gbif: requested download {key} (https://www.gbif.org/occurrence/"
                     f"download/{key}); resume with --gbif_download {key} if stopped")
             doing = "waiting for"
@@ -73,7 +73,7 @@ def export_from_gbif(opts: Any, argv: Optional[Sequence[str]],
             path = fetch_zip(api, key, meta, folder, say)
         except Interrupted as interrupted:
             raise _stopped(interrupted.args[0], doing, key, argv) from None
-    return path, provenance(api, key, meta, predicate, requested_at, path)
+    return path, provenance(api, key, meta, predicate, requested, path)
 
 
 def download_folder(download_dir: Optional[str], output: Optional[str]) -> str:
@@ -85,7 +85,7 @@ def download_folder(download_dir: Optional[str], output: Optional[str]) -> str:
 
 
 def provenance(api: Api, key: str, meta: dict, predicate: Optional[dict],
-               requested_at: Optional[str], path: str) -> dict:
+               requested: bool, path: str) -> dict:
     request = meta.get("request") if isinstance(meta.get("request"), dict) else {}
     doi = meta.get("doi") or None
     return {
@@ -104,7 +104,7 @@ def provenance(api: Api, key: str, meta: dict, predicate: Optional[dict],
         "license": meta.get("license"),
         "erase_after": meta.get("eraseAfter"),
         "download_link": zip_url(api, key, meta),
-        "requested_by_this_run": requested_at is not None,
+        "requested_by_this_run": requested,
         "zip": path,
     }
 
@@ -164,7 +164,3 @@ def _check_model_exists(model: Optional[str]) -> None:
     if not fs.exists(path):
         raise GbifError(f"--model: no such file or folder: {model} (checked before asking "
                         "GBIF for a download)", USAGE)
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat()

@@ -34,7 +34,8 @@ class GbifEmbedOptions(PipelineOptions):
         add("--gbif_api", default="https://api.gbif.org/v1",
             help="GBIF API root (a mirror, or a test server)")
         add("--download_dir", default="",
-            help="Local folder for GBIF zips (default: OUTPUT/downloads); resumable")
+            help="Folder for GBIF zips, local or gs:// (default: OUTPUT/downloads); "
+            "resumable")
         add("--gbif_poll_seconds", type=float, default=60.0,
             help="First interval between GBIF status checks; grows 1.5x to 5x this")
         add("--model", help="The embedder, local or gs://: a TF1 Hub module or TF2 "

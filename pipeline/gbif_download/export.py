@@ -12,12 +12,12 @@ or fetching ends with `RunStopped`, whose message prints the
 """
 from __future__ import annotations
 
-import datetime
 import shlex
 import signal
 from typing import Any, Callable, Optional, Sequence
 
 from pipeline.gbif_download import SOURCES
+from pipeline.gbif_download.citation import citation
 from pipeline.gbif_download.client import Api
 from pipeline.gbif_download.download import fetch_zip, zip_url
 from pipeline.gbif_download.errors import USAGE, GbifError
@@ -107,20 +107,6 @@ def provenance(api: Api, key: str, meta: dict, predicate: Optional[dict],
         "requested_by_this_run": requested,
         "zip": path,
     }
-
-
-def citation(doi: Optional[str], created: Any) -> Optional[str]:
-    """GBIF's form: GBIF.org (16 July 2020) GBIF Occurrence Download https://doi.org/..."""
-    if not doi:
-        return None
-    when = ""
-    if isinstance(created, str):
-        try:
-            day = datetime.datetime.fromisoformat(created.replace("Z", "+00:00"))
-            when = f" ({day.day} {day:%B %Y})"
-        except ValueError:
-            when = ""
-    return f"GBIF.org{when} GBIF Occurrence Download https://doi.org/{doi}"
 
 
 def resume_command(argv: Optional[Sequence[str]], key: str) -> str:

@@ -37,6 +37,7 @@ import fsspec
 import numpy as np
 from PIL import Image, ImageOps
 
+from pipeline.gbif_download.citation import citation
 from pipeline.tools.query import (QueryResult, Snapshot, id_columns, image_url, iter_blocks,
                                   occurrence_link, occurrence_number, open_snapshot, rows_at,
                                   run_fetch_config, search, vectors_at)
@@ -363,7 +364,7 @@ def _citation(export: dict) -> str:
     if not doi:
         return ""
     text = (export.get("gbif_download") or {}).get("citation") or \
-        f"GBIF.org GBIF Occurrence Download https://doi.org/{doi}"
+        citation(doi, export.get("published"))
     link = f'<a href="https://doi.org/{_e(doi)}">https://doi.org/{_e(doi)}</a>'
     return (f'<div class="meta citation">Cite the data as: '
             f"{_e(text).replace(_e(f'https://doi.org/{doi}'), link)}</div>")

@@ -13,7 +13,8 @@ import pytest
 
 from pipeline.gbif_download.client import Api
 from pipeline.gbif_download.errors import GbifError
-from pipeline.gbif_download.export import citation, export_from_gbif, resume_command
+from pipeline.gbif_download.citation import citation
+from pipeline.gbif_download.export import export_from_gbif, resume_command
 from pipeline.gbif_download.request import STILL_IMAGE
 from tests.conftest import shared_path
 from tests.gbif_api import Download, GbifApi
@@ -330,4 +331,10 @@ def test_resume_command_and_citation():
     assert citation("10.15468/dl.4gbcs6", "2020-07-16T10:11:12.000+0000") == \
         "GBIF.org (16 July 2020) GBIF Occurrence Download https://doi.org/10.15468/dl.4gbcs6"
     assert citation(None, "2020-07-16") is None
+    # A run from a zip one already has: the date of its metadata.xml.
+    from pipeline.tools.report import _citation
+    shown = _citation({"doi": "10.15468/dl.4gbcs6", "published": "2020-07-16"})
+    assert "Cite the data as: GBIF.org (16 July 2020) GBIF Occurrence Download " \
+           '<a href="https://doi.org/10.15468/dl.4gbcs6">' in shown
+    assert _citation({"doi": None}) == ""
     assert Api("http://h/v1/").url("/occurrence/download/x") == "http://h/v1/occurrence/download/x"

@@ -15,9 +15,10 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.demo.demo import serve_folder
-from pipeline.demo.sample_data import make_sample
-from tests.conftest import LOOPBACK, ROOT
+from pipeline.demo.sample_data import jpeg_bytes, make_sample, synthetic_photo
+from tests.conftest import LOOPBACK, ROOT, shared_path
 from tests.gbif_api import Download, GbifApi
+from tests.http_server import FaultServer
 from transforms.write.snapshot import read_latest, read_manifest
 
 DMS = "84d26682-f762-11e1-a439-00145eb45e9a"
@@ -97,6 +98,36 @@ def test_a_dataset_straight_from_gbif_to_a_snapshot_that_cites_it(tmp_path, tiny
         assert again["counts"]["reused"] == sample.expected_images
         assert again["export"]["gbif_download"]["requested_by_this_run"] is False
         assert again["export"]["gbif_download"]["doi"] == sample.doi
+
+
+def test_the_real_download_served_by_the_api_is_embedded_and_cited(tmp_path, tiny_model):
+    """GBIF's download 0022697-200613084148143 (../shared), served by the loopback API
+    with GBIF's own key, DOI, date and record count; its first iNaturalist pictures
+    come from a loopback mirror (synthetic JPEGs: this machine reaches no image host)."""
+    key = "0022697-200613084148143"
+    data = shared_path("gbif-samples", f"amblyomma_dl_4gbcs6_2020_RECONSTRUCTED_{key}.zip")
+    media = shared_path("gbif-samples", "amblyomma_dl_4gbcs6_2020", "multimedia.txt")
+    urls = [line.split("\t")[3] for line in media.read_text().splitlines()[1:7]]
+    output = str(tmp_path / "out")
+    with GbifApi() as api, FaultServer() as pictures:
+        for i, url in enumerate(urls):
+            path = "/inat/" + url.split("static.inaturalist.org/", 1)[1].split("?")[0]
+            pictures.add(path, jpeg_bytes(synthetic_photo(i, size=(200, 150))))
+        api.add(Download(key, data.read_bytes(), doi="10.15468/dl.4gbcs6",
+                         statuses=["RUNNING", "SUCCEEDED"], total_records=1310,
+                         number_datasets=24, created="2020-07-16T10:01:28.134+0000",
+                         modified="2020-07-16T10:04:13.960+0000"))
+        assert main(["run", "--gbif_download", key, "--model", tiny_model, "--output", output,
+                     "--gbif_api", api.root, "--max_images", "6", "--quiet", "--mirror",
+                     f"https://static.inaturalist.org/={pictures.url('/inat/')}", *QUICK]) == 0
+    manifest = read_manifest(output)
+    assert manifest["counts"]["embedded"] == 6
+    assert manifest["export"]["download_key"] == key  # from its metadata.xml and the API alike
+    assert manifest["export"]["gbif_download"]["total_records"] == 1310
+    report = open(os.path.join(output, read_latest(output), "report.html"),
+                  encoding="utf-8").read()
+    assert "Cite the data as: GBIF.org (16 July 2020) GBIF Occurrence Download " \
+           '<a href="https://doi.org/10.15468/dl.4gbcs6">' in report
 
 
 def test_ctrl_c_while_waiting_prints_how_to_resume(tmp_path):

@@ -135,9 +135,11 @@ def _stopped(signum: int, doing: str, key: Optional[str],
                    "https://www.gbif.org/user/download: resume it with --gbif_download KEY, "
                    "or run the same command again")
     else:
+        kept = " (the bytes fetched so far are kept and resumed)" \
+            if doing.startswith("fetching") else ""
         message = (f"stopped by {name} while {doing} GBIF download {key}; nothing was embedded "
-                   f"and LATEST is unchanged. GBIF keeps the download; to continue without "
-                   f"requesting another:\n  {resume_command(argv, key)}")
+                   f"and LATEST is unchanged. GBIF keeps the download{kept}; to continue "
+                   f"without requesting another:\n  {resume_command(argv, key)}")
     return RunStopped(message, EXIT_CODES.get(signum, 1))
 
 

@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipeline.gbif_download.errors import GbifError
 from pipeline.interrupt import RunStopped
 from pipeline.launch import UsageError, _write_report, run  # noqa: F401 (run: the API)
 from pipeline.options import GbifEmbedOptions
@@ -45,6 +46,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (UsageError, ExportError, ValueError, FileNotFoundError) as err:
         print(f"gbif-embed {argv[0]}: error: {err}", file=sys.stderr)
         return 2
+    except GbifError as err:  # a GBIF download that cannot be had: its own exit code
+        print(f"gbif-embed {argv[0]}: error: {err}", file=sys.stderr)
+        return err.exit_code
 
 
 # Warnings Beam workers send on every run that say nothing about this run: the

@@ -55,8 +55,10 @@ def run(options: PipelineOptions, argv: Optional[Sequence[str]] = None) -> dict:
     from pipeline.sdk_image import check_sdk_image
     from transforms.embed.models import forget_models
     from transforms.embed.precision import cpu_supports_bfloat16
+    from pipeline.gbif_download import wants_gbif
     opts = options.view_as(GbifEmbedOptions)
-    for flag in ("export", "model", "output"):
+    gbif = wants_gbif(opts)
+    for flag in ("model", "output") if gbif else ("export", "model", "output"):
         if not getattr(opts, flag):
             raise UsageError(f"--{flag} is required")
     check_sdk_image(options)  # workers' image built for the launcher's Python minor version
@@ -64,9 +66,16 @@ def run(options: PipelineOptions, argv: Optional[Sequence[str]] = None) -> dict:
         raise UsageError("--precision bfloat16 needs a CPU with AVX512-BF16 or AMX "
                          "(/proc/cpuinfo lists neither avx512_bf16 nor amx_bf16); "
                          "use --precision float32")
+    gbif_download = None
+    if gbif:  # the zip, fetched before the output folder is read
+        from pipeline.gbif_download.export import export_from_gbif
+        opts.export, gbif_download = export_from_gbif(
+            opts, argv, say=lambda line: None if opts.quiet else print(line, flush=True))
     with Archive(opts.export) as archive:
         spec = read_spec(archive)
         identity = dict(read_identity(archive, spec), **_row_key(spec))
+    if gbif_download:
+        identity = _with_gbif_download(identity, gbif_download)
     previous = read_latest(opts.output)
     model = run_model(opts.model, embedding_dim=opts.embedding_dim, normalize=opts.normalize,
                       image_size=opts.image_size, resize=opts.resize, output=opts.output,
@@ -297,6 +306,13 @@ def _row_key(spec) -> dict:
     gbif = core.index("gbifID") is not None
     return {"kind": "GBIF download" if gbif else "dataset archive (no gbifIDs)",
             "core_id_term": term or "id", "row_key": ["coreID", "identifier"]}
+
+
+def _with_gbif_download(identity: dict, provenance: dict) -> dict:
+    """The export's identity plus where GBIF made it; the API's key and DOI
+    stand in where the archive's metadata.xml gives none."""
+    return dict(identity, download_key=identity.get("download_key") or provenance["download_key"],
+                doi=identity.get("doi") or provenance.get("doi"), gbif_download=provenance)
 
 
 def _local_processes(options: PipelineOptions) -> int:

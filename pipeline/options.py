@@ -22,6 +22,22 @@ class GbifEmbedOptions(PipelineOptions):
         # Inputs and outputs.
         add("--export", help="GBIF DwC-A download: a .zip or an unzipped folder, "
             "local or gs://")
+        # Straight from GBIF instead of --export (pipeline/gbif_download; the account
+        # comes from GBIF_USER, GBIF_PWD, GBIF_EMAIL in the environment only).
+        add("--gbif_dataset", default=None,
+            help="Request a fresh DWCA download of this GBIF dataset key (images only), "
+            "wait for it, fetch it and embed it")
+        add("--gbif_predicate", default=None,
+            help="As --gbif_dataset, for any GBIF download predicate in this JSON file")
+        add("--gbif_download", default=None,
+            help="Embed this existing GBIF download key (wait for it if still running)")
+        add("--gbif_api", default="https://api.gbif.org/v1",
+            help="GBIF API root (a mirror, or a test server)")
+        add("--download_dir", default="",
+            help="Folder for GBIF zips, local or gs:// (default: OUTPUT/downloads); "
+            "resumable")
+        add("--gbif_poll_seconds", type=float, default=60.0,
+            help="First interval between GBIF status checks; grows 1.5x to 5x this")
         add("--model", help="The embedder, local or gs://: a TF1 Hub module or TF2 "
             "SavedModel folder, or an ONNX file (or a folder holding one)")
         add("--output", help="Output folder (local or gs://); holds LATEST and snapshots")

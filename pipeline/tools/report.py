@@ -27,6 +27,7 @@ import datetime
 import hashlib
 import html
 import io
+import json
 import re
 import warnings
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ import fsspec
 import numpy as np
 from PIL import Image, ImageOps
 
+from pipeline.gbif_download.citation import citation
 from pipeline.tools.query import (QueryResult, Snapshot, id_columns, image_url, iter_blocks,
                                   occurrence_link, occurrence_number, open_snapshot, rows_at,
                                   run_fetch_config, search, vectors_at)
@@ -353,7 +355,19 @@ def _header(manifest: dict) -> str:
     finished = (manifest.get("finished_at") or "")[:19].replace("T", " ")
     return (f'<div class="kicker">gbif-embed · run report</div><h1>{_e(manifest["snapshot"])}</h1>'
             f'<div class="meta">{source} · finished {_e(finished)} UTC · '
-            f"{_e(manifest.get('refresh_mode') or 'run')}</div>")
+            f"{_e(manifest.get('refresh_mode') or 'run')}</div>{_citation(export)}")
+
+
+def _citation(export: dict) -> str:
+    """The citation GBIF asks users of a download to give: its DOI."""
+    doi = export.get("doi")
+    if not doi:
+        return ""
+    text = (export.get("gbif_download") or {}).get("citation") or \
+        citation(doi, export.get("published"))
+    link = f'<a href="https://doi.org/{_e(doi)}">https://doi.org/{_e(doi)}</a>'
+    return (f'<div class="meta citation">Cite the data as: '
+            f"{_e(text).replace(_e(f'https://doi.org/{doi}'), link)}</div>")
 
 
 def _cards(manifest: dict) -> str:
@@ -452,6 +466,7 @@ def _run_details(manifest: dict, folder: str) -> str:
     files = manifest.get("files") or {}
     rows = [["export", _e(export.get("path"))],
             ["download key", _e(export.get("download_key") or "–")],
+            *_gbif_download_rows(export.get("gbif_download") or {}),
             ["model", _e(model.get("uri"))],
             ["model fingerprint", f"<code>{_e(model.get('fingerprint'))}</code>"],
             ["folder", _e(folder)]]
@@ -464,6 +479,18 @@ def _run_details(manifest: dict, folder: str) -> str:
                                      for k, v in sorted(options.items())
                                      if k not in ("export", "model", "output")) or "defaults"])
     return f"<section><h2>Run</h2>{table(['', ''], rows)}</section>"
+
+
+def _gbif_download_rows(download: dict) -> list[list[str]]:
+    """Where the run's data came from, when it fetched it from GBIF's API."""
+    if not download:
+        return []
+    records = download.get("total_records")
+    return [["GBIF download", f"requested {_e(download.get('requested_at') or '–')}, completed "
+             f"{_e(download.get('completed_at') or '–')}, "
+             f"{_n(records) if isinstance(records, int) else '?'} records (GBIF's count), "
+             f"from {_e(download.get('api'))}"],
+            ["GBIF predicate", f"<code>{_e(json.dumps(download.get('predicate')))}</code>"]]
 
 
 def render_report(manifest: dict, evaluation: Optional[dict], folder: str, output: str,

@@ -1,0 +1,122 @@
+"""The cluster `gbif-embed flink start` runs: two TaskManagers, a worker pool
+beside each, the restart strategy, reuse, and one clear line for what is wrong."""
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline.flink import cluster
+from pipeline.flink.distribution import FLINK_VERSION
+from tests.conftest import ROOT, _free_port
+
+
+def test_two_taskmanagers_each_with_a_worker_pool(flink_cluster):
+    state = cluster.status(flink_cluster, say=lambda line: None)
+    assert state["running"], state
+    assert state["flink_version"] == FLINK_VERSION
+    assert state["taskmanagers"] == ["taskmanager-1", "taskmanager-2"]
+    assert state["slots"] == 2
+    for index in (1, 2):
+        with socket.create_connection((flink_cluster.pool_host(index),
+                                       flink_cluster.pool_port), timeout=5):
+            pass
+
+
+def test_restart_strategy_is_fixed_delay(flink_cluster):
+    config = {entry["key"]: entry["value"]
+              for entry in cluster.rest(flink_cluster, "/jobmanager/config")}
+    assert config["restart-strategy.type"] == "fixed-delay"
+    assert config["restart-strategy.fixed-delay.attempts"] == "3"
+    assert config["parallelism.default"] == "2"
+
+
+def _tm_hosts_flag(spec, index: int) -> str:
+    pid = cluster.piece_pid(spec, f"taskmanager-{index}")
+    args = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    (flag,) = [a.decode() for a in args if a.startswith(b"-Djdk.net.hosts.file=")]
+    return flag
+
+
+def test_each_taskmanager_resolves_the_pool_name_to_its_own_pool(flink_cluster, tmp_path):
+    """What a TaskManager's JVM makes of `beam-worker-pool`: its own pool's address."""
+    if not shutil.which("javac"):
+        pytest.skip("needs a JDK (javac) to run a one-file Java check with the "
+                    "TaskManager's own -Djdk.net.hosts.file")
+    source = tmp_path / "Resolve.java"
+    source.write_text("public class Resolve { public static void main(String[] a) throws "
+                      "Exception { System.out.println(java.net.InetAddress.getByName(a[0])"
+                      ".getHostAddress()); } }\n")
+    for index in (1, 2):
+        flag = _tm_hosts_flag(flink_cluster, index)
+        answer = subprocess.run(["java", flag, str(source), cluster.POOL_NAME],
+                                capture_output=True, text=True, timeout=120)
+        assert answer.stdout.strip() == flink_cluster.pool_host(index), answer.stderr
+
+
+def test_start_again_reuses_the_running_cluster(flink_cluster):
+    before = {piece: cluster.piece_pid(flink_cluster, piece)
+              for piece in cluster.pieces(flink_cluster)}
+    lines: list[str] = []
+    cluster.start(flink_cluster, say=lines.append)
+    assert lines[0].startswith("flink: reusing the running cluster")
+    assert before == {piece: cluster.piece_pid(flink_cluster, piece)
+                      for piece in cluster.pieces(flink_cluster)}
+
+
+def test_a_killed_taskmanager_is_seen_and_started_again(flink_cluster):
+    """kill -9 of a TaskManager: status says so, start brings it back, the
+    JobManager counts two TaskManagers again."""
+    pid = cluster.piece_pid(flink_cluster, "taskmanager-2")
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while cluster.piece_pid(flink_cluster, "taskmanager-2") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    lines: list[str] = []
+    state = cluster.status(flink_cluster, say=lines.append)
+    assert not state["running"] and state["pids"]["taskmanager-2"] is None
+    assert any("not running: taskmanager-2" in line for line in lines), lines
+    cluster.start(flink_cluster, say=lines.append)
+    assert cluster.piece_pid(flink_cluster, "taskmanager-2") not in (None, pid)
+    assert cluster.registered_taskmanagers(flink_cluster) == ["taskmanager-1", "taskmanager-2"]
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", "flink", *args],
+                          capture_output=True, text=True, timeout=300, cwd=str(ROOT),
+                          env=env or dict(os.environ))
+
+
+def test_a_port_in_use_is_one_clear_line(flink_cluster, tmp_path):
+    with socket.socket() as holder:
+        holder.bind(("localhost", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = _cli("start", "--state_dir", str(tmp_path / "other"), "--rest_port", str(port),
+                    "--rpc_port", str(_free_port()), "--pool_port", str(_free_port()))
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"gbif-embed flink: error: port {port} on localhost is in use by another program "
+        "(the Flink jobmanager needs it): stop that program or pick another port "
+        "(--rest_port, --rpc_port, --pool_port)"]
+
+
+def test_missing_java_is_one_clear_line(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("mvn",):  # everything a start needs but Java
+        if shutil.which(tool):
+            (bin_dir / tool).symlink_to(shutil.which(tool))
+    env = {k: v for k, v in os.environ.items() if k != "JAVA_HOME"}
+    env["PATH"] = str(bin_dir)
+    done = _cli("start", "--state_dir", str(tmp_path / "state"), env=env)
+    assert done.returncode == 1
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("gbif-embed flink: error: Flink needs Java 11 or 17 and none was found")

@@ -202,15 +202,27 @@ def _start_daemons(spec: ClusterSpec, home: pathlib.Path, daemons: Sequence[str]
             raise FlinkSetupError(f"{script} start failed: {said.strip()[-300:]}")
 
 
+def cpu_share(taskmanagers: int, index: int) -> list[int]:
+    """TaskManager `index`'s share (1-based) of the CPUs this process may use:
+    an equal slice each, or one CPU each in turn where there are fewer CPUs."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if taskmanagers >= len(cpus):
+        return [cpus[(index - 1) % len(cpus)]]
+    size = len(cpus) // taskmanagers
+    return cpus[(index - 1) * size:index * size]
+
+
 def _start_pool(spec: ClusterSpec, index: int) -> None:
-    """The pool starts SDK workers with the `python` on PATH: this environment's."""
+    """The pool starts SDK workers with the `python` on PATH: this environment's,
+    pinned to this TaskManager's share of the cores (see worker_pool.py)."""
     env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
     root = str(pathlib.Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     with open(spec.logs / f"worker-pool-{index}.log", "ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "pipeline.flink.worker_pool",
-             "--host", spec.pool_host(index), "--port", str(spec.pool_port)],
+             "--host", spec.pool_host(index), "--port", str(spec.pool_port),
+             "--cpus", ",".join(map(str, cpu_share(spec.taskmanagers, index)))],
             env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True)
     _pid_file(spec, f"pool-{index}").write_text(f"{process.pid}\n")

@@ -8,11 +8,17 @@ on its own, so `--environment_config beam-worker-pool:PORT` reaches the pool
 beside the TaskManager that asks, as a sidecar in the TaskManager's pod does
 in a real deployment. The pool starts each SDK worker with the `python` on
 PATH (the cluster puts the project's environment first).
+
+`--cpus` pins the pool, and so the workers it starts, to its TaskManager's
+share of the machine's cores: TensorFlow sizes its thread pools from the
+CPUs a process may run on, so the workers of all the TaskManagers on one
+machine together run no more inference threads than it has cores.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 from typing import Optional, Sequence
 
 import grpc
@@ -38,7 +44,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.flink.worker_pool")
     parser.add_argument("--host", required=True)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--cpus", default="",
+                        help="Comma-separated CPU numbers this pool and its workers run on")
     args = parser.parse_args(argv)
+    if args.cpus:
+        os.sched_setaffinity(0, {int(cpu) for cpu in args.cpus.split(",")})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     server = serve(args.host, args.port)
     logging.info("worker pool listening on %s:%d", args.host, args.port)

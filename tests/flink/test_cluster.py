@@ -30,6 +30,20 @@ def test_two_taskmanagers_each_with_a_worker_pool(flink_cluster):
             pass
 
 
+def test_each_pool_runs_on_its_taskmanagers_share_of_the_cores(flink_cluster):
+    """TensorFlow sizes its thread pools from the CPUs a worker may run on: the
+    pools' shares never add up to more than the machine's cores."""
+    shares = []
+    for index in (1, 2):
+        pid = cluster.piece_pid(flink_cluster, f"pool-{index}")
+        shares.append(os.sched_getaffinity(pid))
+        assert shares[-1] == set(cluster.cpu_share(2, index))
+    cores = len(os.sched_getaffinity(0))
+    assert sum(len(share) for share in shares) <= max(cores, 2)
+    if cores >= 2:
+        assert not shares[0] & shares[1]
+
+
 def test_restart_strategy_is_fixed_delay(flink_cluster):
     config = {entry["key"]: entry["value"]
               for entry in cluster.rest(flink_cluster, "/jobmanager/config")}

@@ -134,3 +134,43 @@ def test_missing_java_is_one_clear_line(tmp_path):
     assert done.returncode == 1
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("gbif-embed flink: error: Flink needs Java 11 or 17 and none was found")
+
+
+def test_a_taskmanagers_worker_pool_runs_the_pipeline(flink_cluster, tiny_model, tmp_path):
+    """The pool `flink start` runs beside TaskManager 2 (its address, its PATH,
+    its cores) serves a whole job: submitted here through Beam's own portable
+    job service, since Beam's Flink job server jar cannot be had (README)."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline.cli import run
+    from pipeline.demo.demo import serve_folder
+    from pipeline.demo.sample_data import make_sample
+    from tests.conftest import LOOPBACK
+
+    (tmp_path / "images").mkdir()
+    job_port = _free_port()
+    service = subprocess.Popen([sys.executable, "-m",
+                                "apache_beam.runners.portability.local_job_service_main",
+                                "--port", str(job_port)], cwd=str(ROOT),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while socket.socket().connect_ex(("127.0.0.1", job_port)) != 0:
+            assert time.monotonic() < deadline, "the job service did not start"
+            time.sleep(0.2)
+        with serve_folder(str(tmp_path / "images")) as base_url:
+            sample = make_sample(str(tmp_path), base_url, 6, photo_size=(200, 150))
+            manifest = run(PipelineOptions([
+                "--export", sample.export, "--model", tiny_model,
+                "--output", str(tmp_path / "out"), "--quiet", "--batch_size", "4",
+                *LOOPBACK, "--runner", "PortableRunner", "--job_endpoint",
+                f"localhost:{job_port}", "--environment_type", "EXTERNAL",
+                "--environment_config",
+                f"{flink_cluster.pool_host(2)}:{flink_cluster.pool_port}"]))
+    finally:
+        service.terminate()
+        service.wait(timeout=30)
+    assert manifest["counts"]["embedded"] == sample.expected_images
+    assert manifest["counts"]["accounted"] == manifest["counts"]["export_rows"]
+    log = (flink_cluster.logs / "worker-pool-2.log").read_text()
+    assert "Starting worker with command" in log  # this pool, not another, ran it

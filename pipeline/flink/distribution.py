@@ -94,7 +94,10 @@ def flink_home(cache: Optional[pathlib.Path] = None) -> pathlib.Path:
             # <name>/deps/{lib,plugins,bin}/...; opt/ (optional jars) is left out.
             if len(parts) > 3 and parts[1] == "deps" and parts[2] in ("lib", "plugins", "bin"):
                 member.name = str(pathlib.PurePosixPath(*parts[2:]))
-                archive.extract(member, staging, filter="data")
+                if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4
+                    archive.extract(member, staging, filter="data")
+                else:
+                    archive.extract(member, staging)
     with zipfile.ZipFile(wheel) as archive:
         for name in archive.namelist():
             parts = pathlib.PurePosixPath(name).parts
@@ -111,6 +114,7 @@ def flink_home(cache: Optional[pathlib.Path] = None) -> pathlib.Path:
     (staging / ".complete").write_text(FLINK_VERSION + "\n")
     shutil.rmtree(home, ignore_errors=True)
     staging.rename(home)
+    shutil.rmtree(downloads, ignore_errors=True)  # 224 MB no longer needed
     return home
 
 

@@ -36,7 +36,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "  make-model  write an embedder: a stand-in of fungi_V2 (random weights) or\n"
               "              ImageNet EfficientNet-Lite0 (trained), as TF1 Hub, TF2 or ONNX\n"
               "  demo        generate a small GBIF export, serve it on loopback, run it\n"
-              "  flink       start, stop or show a Flink cluster on loopback (Beam worker pools)\n\n"
+              "  flink       start, stop or show a Flink cluster on loopback\n\n"
               "`gbif-embed COMMAND --help` lists a command's options.",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2

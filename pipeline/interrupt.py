@@ -77,7 +77,8 @@ def stop(signum: int, folder: str, argv: Optional[Sequence[str]],
     command = "gbif-embed run " + " ".join(shlex.quote(a) for a in argv) if argv else \
         "the same gbif-embed run command"
     name = signal.Signals(signum).name
-    message = (f"stopped by {name}: {note + '; ' if note else ''}kept {kept['embeddings']:,} embedded and "
+    said = f"{note}; " if note else ""
+    message = (f"stopped by {name}: {said}kept {kept['embeddings']:,} embedded and "
                f"{kept['failures']:,} failed images in {folder}/parts (LATEST is unchanged).\n"
                f"To resume, run the same command again; it fetches and embeds only the rest:\n"
                f"  {command}")

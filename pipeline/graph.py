@@ -34,6 +34,7 @@ from transforms.store.layout import ImageStore, cache_schema
 from transforms.store.lookup import LookupStore
 from transforms.write.parts import FAILURE_SCHEMA, THUMBNAIL_SCHEMA, WriteParquet, embedding_schema
 from transforms.write.snapshot import PublishSnapshot, join
+from transforms.write.thumbnails import KeepThumbnails
 
 
 def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: dict,
@@ -92,6 +93,9 @@ def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: 
         write["cache"] += [from_store[1]]
         write["tally"] += [from_store[4], pictures_tally, cache_tally]
 
+    # Thumbnails for report.html: at most THUMBS_PER_JOB for the whole job,
+    # whatever the number of worker processes that decoded.
+    write["thumbnails"] = [tuple(write["thumbnails"]) | "KeepThumbnails" >> KeepThumbnails()]
     # Each input is written in the stage that makes it: on the local runner a
     # Flatten of PCollections from different stages holds every row in memory.
     written = {kind: tuple(write[kind]) | f"Write{kind.title()}" >> WriteParquet(

@@ -67,15 +67,18 @@ def stoppable(enabled: bool) -> Iterator[Signals]:
             signal.signal(sig, handler)
 
 
-def stop(signum: int, folder: str, argv: Optional[Sequence[str]]) -> RunStopped:
-    """Ends this process's children and describes what the run kept."""
+def stop(signum: int, folder: str, argv: Optional[Sequence[str]],
+         note: str = "") -> RunStopped:
+    """Ends this process's children and describes what the run kept (`note`:
+    what became of a remote job, said first)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
     _end_descendants()
     kept = {prefix: _rows(part_files(folder, prefix)) for prefix in ("embeddings", "failures")}
     command = "gbif-embed run " + " ".join(shlex.quote(a) for a in argv) if argv else \
         "the same gbif-embed run command"
     name = signal.Signals(signum).name
-    message = (f"stopped by {name}: kept {kept['embeddings']:,} embedded and "
+    said = f"{note}; " if note else ""
+    message = (f"stopped by {name}: {said}kept {kept['embeddings']:,} embedded and "
                f"{kept['failures']:,} failed images in {folder}/parts (LATEST is unchanged).\n"
                f"To resume, run the same command again; it fetches and embeds only the rest:\n"
                f"  {command}")

@@ -49,8 +49,9 @@ class UsageError(ValueError):
 def run(options: PipelineOptions, argv: Optional[Sequence[str]] = None) -> dict:
     """Checks inputs, runs the pipeline to the end, prints and returns the manifest.
 
-    A local run stopped by Ctrl-C or SIGTERM raises `RunStopped`, which says
-    what was kept and how to resume (`argv`: the command's arguments)."""
+    A run stopped by Ctrl-C or SIGTERM raises `RunStopped`, which says what
+    was kept and how to resume (`argv`: the command's arguments); a remote
+    job is cancelled first (see `_cancel_remote`)."""
     from pipeline.model_check import run_model
     from pipeline.sdk_image import check_sdk_image
     from transforms.embed.models import forget_models
@@ -129,7 +130,8 @@ def _run(options: PipelineOptions, argv: Optional[Sequence[str]], opts: GbifEmbe
                 previous_folder=join(opts.output, previous) if mode == "refresh" else None,
                 resume_folders=[join(opts.output, name) for name in resumed])
     submitted = time.monotonic()
-    with stoppable(runner is not None) as signals:
+    with stoppable(True) as signals:
+        job = None
         try:
             with _live_progress(options):
                 job = pipeline.run()
@@ -137,7 +139,9 @@ def _run(options: PipelineOptions, argv: Optional[Sequence[str]], opts: GbifEmbe
         except BaseException:
             if signals.received is None:
                 raise
-            raise stop(signals.received, join(opts.output, snapshot), argv) from None
+            # A remote job outlives its launcher: cancel it before the lease goes.
+            note = _cancel_remote(job) if runner is None else ""
+            raise stop(signals.received, join(opts.output, snapshot), argv, note) from None
     if options.view_as(TestOptions).dry_run:
         return _dry_run(pipeline, opts.quiet)
     finished = time.monotonic()
@@ -170,6 +174,34 @@ def _precision(options: PipelineOptions, opts: GbifEmbedOptions, model, runner, 
     if not opts.quiet:
         print(f"precision: {choice['precision']} ({choice['decided_by']})", flush=True)
     return choice
+
+
+CANCEL_WAIT_S = 60.0
+
+
+def _cancel_remote(job) -> str:
+    """Cancels a job that runs on a remote runner (Flink, Dataflow, a portable
+    job service) and waits until the runner says it has stopped, so that the
+    output's lease is given back only when the job no longer writes there
+    (otherwise a rerun would take the lease while the first job still fetches
+    and publishes). Says what became of the job."""
+    from apache_beam.runners.runner import PipelineState
+    if job is None:
+        return "the job may have been submitted: check the runner before running again"
+    try:
+        job.cancel()
+        deadline = time.monotonic() + CANCEL_WAIT_S
+        state = job.state
+        while not PipelineState.is_terminal(state) and time.monotonic() < deadline:
+            time.sleep(1)
+            state = job.state
+    except Exception as err:  # the runner's job service may be gone with the cancel
+        return (f"asked the runner to cancel the job; its state could not be read "
+                f"({type(err).__name__}): check the runner before running again")
+    if not PipelineState.is_terminal(state):
+        return (f"the job is still {state} on the runner after {CANCEL_WAIT_S:.0f} s: "
+                "cancel it there before running again")
+    return f"the job was cancelled on the runner (state {state})"
 
 
 def _seconds_since_process_start() -> float:

@@ -59,18 +59,23 @@ def estimate(compute_vcpu_s: Optional[float], slowest_host_s: float, workers: in
     """Wall time, vCPU-hours and the useful worker count for N workers of M vCPUs,
     for a first run and for a model change (which reads the image store).
 
-    Fetching and inference overlap, and inference spreads over every vCPU
-    (behind a shuffle keyed by content on distributed runners), so a first
-    run's wall time is the larger of the slowest host's bound and the compute
-    time; workers beyond the point where compute fits in the slowest host's
-    time only add idle vCPU-hours. A model change asks no host: compute only.
-    Without a model rate only the hosts' bound is known.
+    Where fetching and inference overlap (the local runner embeds in the
+    fetching stage), a first run's wall time is the larger of the slowest
+    host's bound and the compute time; workers beyond the point where compute
+    fits in the slowest host's time only add idle vCPU-hours. On Dataflow and
+    Flink in batch mode the shuffle keyed by content (ByContent) is a barrier:
+    embedding starts when fetching has ended, so a first run takes the fetch
+    phase plus the compute phase spread over every vCPU (`batch_wall_s`),
+    and vCPU-hours are those of a fixed fleet for that long. A model change
+    asks no host: compute only. Without a model rate only the hosts' bound
+    is known.
     """
     vcpus = workers * vcpus_per_worker
     if compute_vcpu_s is None:
         return {"compute_s": None, "wall_s": slowest_host_s,
                 "vcpu_hours": slowest_host_s * vcpus / 3600, "useful_workers_max": None,
-                "bound_by": "host", "model_change_s": None, "model_change_vcpu_hours": None}
+                "bound_by": "host", "model_change_s": None, "model_change_vcpu_hours": None,
+                "fetch_s": slowest_host_s, "batch_wall_s": None, "batch_vcpu_hours": None}
     compute_s = compute_vcpu_s / vcpus
     wall_s = max(slowest_host_s, compute_s)
     useful = (max(1, math.ceil(compute_vcpu_s / (slowest_host_s * vcpus_per_worker)))
@@ -78,7 +83,9 @@ def estimate(compute_vcpu_s: Optional[float], slowest_host_s: float, workers: in
     return {"compute_s": compute_s, "wall_s": wall_s, "vcpu_hours": wall_s * vcpus / 3600,
             "useful_workers_max": useful,
             "bound_by": "host" if slowest_host_s >= compute_s else "compute",
-            "model_change_s": compute_s, "model_change_vcpu_hours": compute_vcpu_s / 3600}
+            "model_change_s": compute_s, "model_change_vcpu_hours": compute_vcpu_s / 3600,
+            "fetch_s": slowest_host_s, "batch_wall_s": slowest_host_s + compute_s,
+            "batch_vcpu_hours": (slowest_host_s + compute_s) * vcpus / 3600}
 
 
 @dataclass
@@ -214,6 +221,12 @@ def format_plan(plan: dict, config: FetchConfig) -> str:
                      f"{duration(plan['compute_s'])}), {plan['vcpu_hours']:,.2f} vCPU-hours; "
                      + (f"more than {plural(useful, 'worker')} of {m} vCPUs do not help"
                         if useful else "no host rate limit: more workers always help"))
+        lines.append(f"  on Dataflow or Flink in batch mode the shuffle keyed by content is a "
+                     f"barrier (embedding starts when fetching ends): wall >= fetch "
+                     f"{duration(plan['fetch_s'])} + compute {duration(plan['compute_s'])} = "
+                     f"{duration(plan['batch_wall_s'])} (more workers shorten only the "
+                     f"compute phase), {plan['batch_vcpu_hours']:,.2f} vCPU-hours on a fixed "
+                     f"fleet")
         lines.append(f"a model change (pictures from the image store, no host asked): "
                      f"compute only, {duration(plan['model_change_s'])} on "
                      f"{plural(n, 'worker')} x {m} vCPUs, "

@@ -83,7 +83,9 @@ def test_wall_time_vcpu_hours_and_useful_workers(export, tmp_path):
         "compute_s": 12.5, "wall_s": 12.5, "vcpu_hours": 12.5 * 8 / 3600,
         "useful_workers_max": 3, "bound_by": "compute",
         # A model change reads the store: compute only, spread over the 8 vCPUs.
-        "model_change_s": 12.5, "model_change_vcpu_hours": 100.0 / 3600}
+        "model_change_s": 12.5, "model_change_vcpu_hours": 100.0 / 3600,
+        # Dataflow and Flink in batch mode: ByContent is a barrier, the phases add up.
+        "fetch_s": 10.0, "batch_wall_s": 22.5, "batch_vcpu_hours": 22.5 * 8 / 3600}
     host_bound = estimate(100.0, 40.0, 2, 4)
     assert host_bound["wall_s"] == 40.0 and host_bound["bound_by"] == "host"
     assert host_bound["model_change_s"] == 12.5  # the host does not bound a model change
@@ -101,6 +103,7 @@ def test_wall_time_vcpu_hours_and_useful_workers(export, tmp_path):
     assert plan["wall_s"] == pytest.approx(28 / 6)
     assert plan["vcpu_hours"] == pytest.approx(28 / 3600)
     assert plan["useful_workers_max"] == math.ceil(28 / (4.0 * 2)) == 4
+    assert plan["batch_wall_s"] == pytest.approx(4 + 28 / 6)
     assert set(plan) >= {"cpu", "images", "distinct_urls", "hosts", "top_hosts",
                          "rate_per_vcpu", "rate_source", "compute_vcpu_s", "workers",
                          "vcpus_per_worker", "wall_s", "vcpu_hours", "useful_workers_max"}

@@ -25,7 +25,8 @@ THUMB_PX = 240
 # the run (a refresh: for unchanged images) is what politeness rules out. So
 # decoding keeps a thumbnail of every image up to THUMBS_FIRST per process,
 # then of one in THUMB_EVERY (by content hash): about 10,000 thumbnails (~120 MB)
-# for the 565,000 images of Svampeatlas.
+# for the 565,000 images of Svampeatlas. That is per process; what the job
+# writes is bounded for the whole job (transforms/write/thumbnails.py).
 THUMBS_FIRST = 500
 THUMB_EVERY = 64
 _KEPT: dict[str, int] = {}  # run → thumbnails this process kept for it

@@ -24,8 +24,8 @@ from apache_beam.options.pipeline_options import (
     TestOptions,
 )
 
-from pipeline import lease
-from pipeline.interrupt import stop, stoppable
+from pipeline import lease, store_guard
+from pipeline.interrupt import cancel, stop, stoppable
 from pipeline.options import GbifEmbedOptions
 from pipeline.summary import format_summary
 from transforms.compare.resume import RUN, resumable_runs
@@ -82,15 +82,28 @@ def run(options: PipelineOptions, argv: Optional[Sequence[str]] = None) -> dict:
     store = opts.image_store or default_store(opts.output)
     snapshot = new_snapshot_name()
     dry_run = bool(options.view_as(TestOptions).dry_run)
-    with contextlib.nullcontext() if dry_run else lease.held(
-            opts.output, snapshot, " ".join(["gbif-embed", "run", *(argv or [])])):
-        return _run(options, argv, opts, model, previous, identity, runner, store, snapshot)
+    command = " ".join(["gbif-embed", "run", *(argv or [])])
+    with contextlib.ExitStack() as held:
+        leases = [] if dry_run else [
+            held.enter_context(lease.held(opts.output, snapshot, command)),
+            held.enter_context(store_guard.held(store, snapshot, opts.output, command))]
+        for taken in leases:
+            taken.on_lost = _interrupt_main
+        return _run(options, argv, opts, model, previous, identity, runner, store, snapshot,
+                    leases)
+
+
+def _interrupt_main(_reason: str) -> None:
+    """A lost lease stops the run the way SIGTERM does (see `stoppable`)."""
+    import _thread
+    import signal
+    _thread.interrupt_main(signal.SIGTERM)
 
 
 def _run(options: PipelineOptions, argv: Optional[Sequence[str]], opts: GbifEmbedOptions,
          model, previous: Optional[str], identity: dict, runner, store: str,
-         snapshot: str) -> dict:
-    """The run itself, while this launcher holds the output folder's lease."""
+         snapshot: str, leases: Sequence = ()) -> dict:
+    """The run itself, while this launcher holds the output's and the store's leases."""
     from pipeline import graph
     model_fingerprint = model.fingerprint
     mode = "full" if opts.full else ("refresh" if previous else "first run")
@@ -117,7 +130,8 @@ def _run(options: PipelineOptions, argv: Optional[Sequence[str]], opts: GbifEmbe
                 previous_folder=join(opts.output, previous) if mode == "refresh" else None,
                 resume_folders=[join(opts.output, name) for name in resumed])
     submitted = time.monotonic()
-    with stoppable(runner is not None) as signals:
+    job = None
+    with stoppable(True) as signals:
         try:
             with _live_progress(options):
                 job = pipeline.run()
@@ -125,7 +139,11 @@ def _run(options: PipelineOptions, argv: Optional[Sequence[str]], opts: GbifEmbe
         except BaseException:
             if signals.received is None:
                 raise
-            raise stop(signals.received, join(opts.output, snapshot), argv) from None
+            lost = next((taken.lost for taken in leases if taken.lost), None)
+            if runner is None:  # a distributed job outlives its launcher unless cancelled
+                raise cancel(job, signals.received, join(opts.output, snapshot), argv,
+                             leases, lost) from None
+            raise stop(signals.received, join(opts.output, snapshot), argv, lost) from None
     if options.view_as(TestOptions).dry_run:
         return _dry_run(pipeline, opts.quiet)
     finished = time.monotonic()

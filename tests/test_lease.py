@@ -59,7 +59,7 @@ def test_the_command_refuses_a_second_run_on_the_same_output(tmp_path, tiny_mode
     with FaultServer() as server:
         for i in range(6):
             server.add(f"/s/{i}.jpg", jpeg_bytes(synthetic_photo(i, size=(100, 80))),
-                       delay=1.0)
+                       delay=4.0)  # long enough for the second launch to start
         occurrences = [Occurrence(gbifID=10 + i, occurrenceID=f"o{i}", datasetKey="d",
                                   taxonKey=1, scientificName="S") for i in range(6)]
         media = [Media(10 + i, server.url(f"/s/{i}.jpg")) for i in range(6)]
@@ -101,3 +101,121 @@ def test_a_holder_on_this_machine_whose_process_is_gone_does_not_hold(tmp_path):
                    "renewed_at_s": time.time(), "ttl_s": 120}, handle)
     with pytest.raises(LeaseHeld, match="snapshot-elsewhere"):
         Lease(output, "snapshot-mine").acquire()
+
+
+# -- a real lock: launches at the same instant, lost leases, shared stores ------
+
+ROUNDS = 15
+
+
+def _contend(folder: str, barrier, wins, index: int, rounds: int) -> None:
+    """One contender process: in every round, all start `acquire` together."""
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        import fsspec
+        fsspec.filesystem("gs").invalidate_cache()
+    for round_ in range(rounds):
+        barrier.wait(timeout=120)
+        lease = Lease(folder, f"snapshot-{round_}-{index}")
+        try:
+            lease.acquire()
+            took = True
+        except LeaseHeld:
+            took = False
+        wins.put((round_, index, took))
+        barrier.wait(timeout=120)  # everyone has tried before the winner gives it back
+        if took:
+            lease.release()
+
+
+def _race(folder: str, contenders: int = 2, rounds: int = ROUNDS) -> dict:
+    import multiprocessing
+    context = multiprocessing.get_context("spawn")
+    barrier, wins = context.Barrier(contenders), context.Queue()
+    processes = [context.Process(target=_contend, args=(folder, barrier, wins, i, rounds))
+                 for i in range(contenders)]
+    for process in processes:
+        process.start()
+    results = [wins.get(timeout=300) for _ in range(contenders * rounds)]
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    by_round: dict = {}
+    for round_, index, took in results:
+        by_round.setdefault(round_, []).append(took)
+    return by_round
+
+
+def test_launches_at_the_same_instant_on_a_local_path_exactly_one_proceeds(tmp_path):
+    """Processes released by one barrier, many rounds: one takes the lease each time."""
+    by_round = _race(str(tmp_path / "out"), contenders=3)
+    assert len(by_round) == ROUNDS
+    assert all(sum(took) == 1 for took in by_round.values()), by_round
+
+
+def test_launches_at_the_same_instant_on_gcs_exactly_one_proceeds(gcs_bucket):
+    """The same on gs:// (the emulator ignores ifGenerationMatch, so this is the
+    claims mutex at work: without it both would proceed)."""
+    by_round = _race(f"{gcs_bucket}/race-{time.time_ns()}")
+    assert len(by_round) == ROUNDS
+    assert all(sum(took) == 1 for took in by_round.values()), by_round
+
+
+def test_the_emulator_ignores_generation_preconditions(gcs_bucket):
+    """Why gs:// needs the claims mutex here: a create-only write (ifGenerationMatch=0)
+    over an existing object succeeds on the emulator (real GCS answers 412)."""
+    import fsspec
+    from pipeline.lease import _write_if_generation
+    fs = fsspec.filesystem("gs")
+    path = f"{gcs_bucket[5:]}/precondition-{time.time_ns()}"
+    _write_if_generation(fs, path, b"first", 0)
+    _write_if_generation(fs, path, b"second", 0)
+    assert fs.cat(path) == b"second"
+
+
+def test_a_lease_taken_over_is_noticed_at_the_next_renewal(tmp_path, monkeypatch):
+    monkeypatch.setattr(lease_module, "TTL_S", 0.8)
+    output = str(tmp_path / "out")
+    lost = []
+    with held(output, "snapshot-slow") as lease:
+        lease.on_lost = lost.append
+        with open(os.path.join(output, LEASE), "w") as handle:  # another run took it
+            json.dump({"snapshot": "snapshot-other", "token": "someone-else", "host": "x",
+                       "pid": 1, "renewed_at_s": time.time(), "ttl_s": 120}, handle)
+        deadline = time.time() + 5
+        while not lost and time.time() < deadline:
+            time.sleep(0.05)
+        assert lost and "taken over" in lost[0] and "snapshot-other" in lost[0]
+        assert lease.lost == lost[0]
+    assert json.load(open(os.path.join(output, LEASE)))["snapshot"] == "snapshot-other"
+
+
+def test_a_lease_that_cannot_be_renewed_is_lost_before_it_expires(tmp_path, monkeypatch):
+    """Any error (not only OSError) is retried, and the holder is told before
+    another run could take the lease."""
+    monkeypatch.setattr(lease_module, "TTL_S", 1.0)
+    output = str(tmp_path / "out")
+    lost = []
+    with held(output, "snapshot-cut-off") as lease:
+        lease.on_lost = lost.append
+        started = time.time()
+
+        def broken(*_args, **_kwargs):
+            raise RuntimeError("HttpError: the storage does not answer")
+        monkeypatch.setattr(lease, "renew_once", broken)
+        while not lost and time.time() < started + 5:
+            time.sleep(0.02)
+        assert lost and "could not renew" in lost[0] and "RuntimeError" in lost[0]
+        assert time.time() - started < 1.0  # told before the lease expired
+        monkeypatch.undo()
+
+
+def test_a_store_shared_by_two_outputs_takes_one_run_at_a_time(tmp_path):
+    from pipeline import store_guard
+    store = str(tmp_path / "store")
+    with store_guard.held(store, "snapshot-a", str(tmp_path / "out-a")):
+        with pytest.raises(LeaseHeld, match=r"another run \(output .*out-a\) is using the "
+                                            r"image store .*store: snapshot-a"):
+            with store_guard.held(store, "snapshot-b", str(tmp_path / "out-b")):
+                pass
+    with store_guard.held(store, "snapshot-b", str(tmp_path / "out-b")):
+        pass

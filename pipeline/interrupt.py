@@ -166,7 +166,8 @@ def _kept(folder: str) -> str:
                            ).result(timeout=COUNT_WAIT_S)
     except Exception as err:  # the storage itself may be what failed
         return (f"could not count the rows kept in {folder}/parts "
-                f"({type(err).__name__}: {err or 'no answer'}); what reached storage is kept")
+                f"({type(err).__name__}: {str(err) or f'no answer in {COUNT_WAIT_S:.0f} s'}); "
+                f"what reached storage is kept")
     finally:
         pool.shutdown(wait=False)
     return (f"kept {kept['embeddings']:,} embedded and {kept['failures']:,} failed images in "

@@ -251,6 +251,8 @@ class Lease:
             self._thread.join(timeout=5)
         if self.holder.get("job"):
             return  # kept for a job that still runs (keep_until_job_ends)
+        if self.lost:
+            return  # another run's now, or it expires by itself: nothing to give back
         try:
             with exclusive(self.folder):
                 held, _ = self._read()
@@ -288,10 +290,11 @@ class Lease:
                 return self._lose(self.lost)
             silent = time.monotonic() - self._renewed
             if silent > TTL_S - period:  # no later renewal could land in time
+                error = (f"{type(self._error).__name__}: {self._error}" if self._error
+                         else "the storage did not answer")
                 return self._lose(
                     f"could not renew this run's lease {self.path} for {silent:.0f} s "
-                    f"(last error: {type(self._error).__name__ if self._error else 'none'}: "
-                    f"{self._error}); it expires in {max(0.0, TTL_S - silent):.0f} s, after "
+                    f"({error}); it expires in {max(0.0, TTL_S - silent):.0f} s, after "
                     f"which another run may take the {self.what}")
 
     def _attempt(self) -> None:

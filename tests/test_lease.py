@@ -1,8 +1,10 @@
 """One run at a time per output folder, and no folder locked forever by a run that died."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -219,3 +221,87 @@ def test_a_store_shared_by_two_outputs_takes_one_run_at_a_time(tmp_path):
                 pass
     with store_guard.held(store, "snapshot-b", str(tmp_path / "out-b")):
         pass
+
+
+@contextlib.contextmanager
+def _emulator(data_dir: str, port: int):
+    """A GCS emulator that keeps its objects on disk, so that it can be stopped
+    and started again with its data (the session's emulator is in memory)."""
+    executable = os.path.join(os.path.dirname(sys.executable), "gcp-storage-emulator")
+    process = subprocess.Popen([executable, "-d", data_dir, "start", "--port", str(port),
+                                "--default-bucket", "outage"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 30
+        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+            assert process.poll() is None and time.time() < deadline, "no emulator"
+            time.sleep(0.1)
+        yield process
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_a_run_whose_storage_stops_answering_stops_and_its_rerun_resumes(tmp_path,
+                                                                         tiny_model):
+    """The output's storage (the emulator) goes away during a run: the run
+    cannot renew its lease, stops with a message and the resume command
+    (exit 3), and once the storage is back, the same command finishes the run
+    from what the first one kept."""
+    import gcsfs
+    from pipeline.demo.sample_data import Media, Occurrence, jpeg_bytes, synthetic_photo
+    from pipeline.demo.sample_data import write_dwca
+    from tests.conftest import _free_port
+    port, data = _free_port(), str(tmp_path / "gcs")
+    os.makedirs(data)
+    env = dict(os.environ, STORAGE_EMULATOR_HOST=f"http://localhost:{port}",
+               GBIF_EMBED_LEASE_SECONDS="4", GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")
+    images = 12
+    with FaultServer() as server:
+        for i in range(images):
+            server.add(f"/o/{i}.jpg", jpeg_bytes(synthetic_photo(i, size=(100, 80))),
+                       delay=1.0)
+        occurrences = [Occurrence(gbifID=10 + i, occurrenceID=f"o{i}", datasetKey="d",
+                                  taxonKey=1, scientificName="S") for i in range(images)]
+        export = write_dwca(str(tmp_path / "e.zip"), occurrences,
+                            [Media(10 + i, server.url(f"/o/{i}.jpg")) for i in range(images)])
+        command = [os.path.join(os.path.dirname(sys.executable), "gbif-embed"), "run",
+                   "--export", export, "--model", tiny_model, "--output", "gs://outage/out",
+                   "--quiet", "--batch_size", "1", "--checkpoint_rows", "1",
+                   "--per_host_concurrency", "1", "--per_host_rate", "1", *LOOPBACK]
+        with _emulator(data, port) as emulator:
+            fs = gcsfs.GCSFileSystem(endpoint_url=f"http://localhost:{port}", token="anon",
+                                     skip_instance_cache=True)
+            first = subprocess.Popen(command, cwd=str(ROOT), env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+            deadline = time.time() + 240
+            while not fs.glob("outage/out/snapshot-*/parts/embeddings-*.parquet"):
+                assert first.poll() is None and time.time() < deadline, first.communicate()
+                time.sleep(0.2)
+                fs.invalidate_cache()
+            emulator.terminate()  # the storage goes away mid-run
+            emulator.wait(timeout=10)
+            stopped_at = time.time()
+            _, stderr = first.communicate(timeout=120)
+        assert first.returncode == 3, stderr
+        assert "could not renew this run's lease" in stderr, stderr
+        # The last lines are the launcher's (Beam and gcsfs log the interrupted calls before).
+        message = stderr[stderr.rindex("gbif-embed run: stopped: could not renew"):]
+        assert "the storage did not answer" in message and "(LATEST is unchanged)" in message
+        assert "To resume, run the same command again" in message, message
+        assert time.time() - stopped_at < 60
+        fetched_before = [server.hits(f"/o/{i}.jpg") for i in range(images)]
+        assert 0 < sum(fetched_before) < images, fetched_before
+        with _emulator(data, port):
+            second = subprocess.run(command, cwd=str(ROOT), env=env, capture_output=True,
+                                    text=True, timeout=300)
+            assert second.returncode == 0, second.stderr
+            fs.invalidate_cache()
+            latest = fs.cat("outage/out/LATEST").decode().strip()
+            manifest = json.loads(fs.cat(f"outage/out/{latest}/manifest.json"))
+    assert manifest["counts"]["embedded"] == images
+    assert manifest["counts"]["resumed"] >= 1
+    # What the stopped run kept is not fetched again (at most the picture in
+    # flight when the storage went away is).
+    again = [server.hits(f"/o/{i}.jpg") - fetched_before[i] for i in range(images)]
+    assert sum(again) <= images - manifest["counts"]["resumed"], (again, manifest["counts"])

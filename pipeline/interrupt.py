@@ -23,6 +23,7 @@ from transforms.write.compact import part_files
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 LEASE_LOST_EXIT = 3  # the run stopped because it no longer held its lease
+INCOMPLETE_EXIT = 4  # the job ended but its snapshot was not whole: not published
 CANCEL_WAIT_S = 60.0  # how long a distributed job is watched after its cancellation
 
 

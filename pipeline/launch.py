@@ -25,7 +25,7 @@ from apache_beam.options.pipeline_options import (
 )
 
 from pipeline import lease, store_guard
-from pipeline.interrupt import cancel, stop, stoppable
+from pipeline.interrupt import INCOMPLETE_EXIT, RunStopped, cancel, stop, stoppable
 from pipeline.options import GbifEmbedOptions
 from pipeline.summary import format_summary
 from transforms.compare.resume import RUN, resumable_runs
@@ -34,6 +34,7 @@ from transforms.store.layout import default_store
 from transforms.write.snapshot import (
     join,
     new_snapshot_name,
+    read_incomplete,
     read_latest,
     read_manifest,
     write_atomically,
@@ -147,6 +148,9 @@ def _run(options: PipelineOptions, argv: Optional[Sequence[str]], opts: GbifEmbe
     if options.view_as(TestOptions).dry_run:
         return _dry_run(pipeline, opts.quiet)
     finished = time.monotonic()
+    incomplete = read_incomplete(opts.output, snapshot)
+    if incomplete is not None:  # publishing found rows missing: LATEST was not moved
+        raise RunStopped(incomplete["message"], INCOMPLETE_EXIT)
     result = read_manifest(opts.output, snapshot)
     result["metrics"] = beam_metrics(job)
     report = _write_report(opts.output, snapshot)

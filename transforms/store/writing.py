@@ -3,7 +3,8 @@
 Each host shard's pictures and URL entries go to parts of their own
 (`<run>-<shard>-*`), pictures first, so a URL entry never names a content
 whose copy is not durable yet, and a retried shard reads back only its own
-parts (`stored_in_run`) instead of every part of the run. A content this
+parts (`stored_entries_in_run`, then the copies streamed by
+`stored_copies_in_run`) instead of every part of the run. A content this
 process already stored in this run is not stored again.
 """
 from __future__ import annotations

@@ -305,3 +305,53 @@ def test_a_run_whose_storage_stops_answering_stops_and_its_rerun_resumes(tmp_pat
     # flight when the storage went away is).
     again = [server.hits(f"/o/{i}.jpg") - fetched_before[i] for i in range(images)]
     assert sum(again) <= images - manifest["counts"]["resumed"], (again, manifest["counts"])
+
+
+def test_ctrl_c_on_a_distributed_run_cancels_its_job_and_says_what_became_of_the_lease(
+        tmp_path, tiny_model):
+    """The portable runner (as Flink runs it): Ctrl-C cancels the job, and the
+    message says whether the lease was given back (the job was seen to end)
+    or kept for the job; the LEASE file agrees with the message.
+
+    Beam's own local job service (used here) answers a cancellation with the
+    state CANCELLED without stopping the job (its `BeamJob.cancel` is a TODO):
+    here the launcher reports "cancelled" and gives the lease back while the
+    worker pool still fetches. Flink's job server and Dataflow cancel for
+    real; neither was run from here."""
+    import signal
+
+    from pipeline.demo.sample_data import Media, Occurrence, jpeg_bytes, synthetic_photo
+    from pipeline.demo.sample_data import write_dwca
+    from tests.conftest import portable_runner
+    with FaultServer() as server, portable_runner() as flags:
+        for i in range(20):
+            server.add(f"/p/{i}.jpg", jpeg_bytes(synthetic_photo(i, size=(100, 80))),
+                       delay=1.0)
+        occurrences = [Occurrence(gbifID=10 + i, occurrenceID=f"o{i}", datasetKey="d",
+                                  taxonKey=1, scientificName="S") for i in range(20)]
+        export = write_dwca(str(tmp_path / "e.zip"), occurrences,
+                            [Media(10 + i, server.url(f"/p/{i}.jpg")) for i in range(20)])
+        output = str(tmp_path / "out")
+        command = [os.path.join(os.path.dirname(sys.executable), "gbif-embed"), "run",
+                   "--export", export, "--model", tiny_model, "--output", output, "--quiet",
+                   "--per_host_concurrency", "1", "--per_host_rate", "1", *flags, *LOOPBACK]
+        launcher = subprocess.Popen(command, cwd=str(ROOT), stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 240
+        while sum(server.hits(f"/p/{i}.jpg") for i in range(20)) < 2:
+            assert launcher.poll() is None and time.time() < deadline, launcher.communicate()
+            time.sleep(0.2)
+        launcher.send_signal(signal.SIGINT)
+        _, stderr = launcher.communicate(timeout=180)
+    assert launcher.returncode == 130, stderr
+    message = stderr[stderr.rindex("gbif-embed run: stopped by SIGINT"):]
+    assert "To resume, run the same command again" in message
+    lease_file = os.path.join(output, LEASE)
+    if "cancelled the job" in message:
+        assert "the lease is given back" in message and not os.path.exists(lease_file)
+    else:
+        assert "its lease stays until it ends" in message, message
+        kept = json.load(open(lease_file))
+        assert kept["job"] and kept["expires_at"] == "when its job ends"
+        with pytest.raises(LeaseHeld, match="kept for its job"):
+            Lease(output, "snapshot-next").acquire()

@@ -22,6 +22,9 @@ import pyarrow.parquet as pq
 from transforms.write.compact import part_files
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+LEASE_LOST_EXIT = 3  # the run stopped because it no longer held its lease
+INCOMPLETE_EXIT = 4  # the job ended but its snapshot was not whole: not published
+CANCEL_WAIT_S = 60.0  # how long a distributed job is watched after its cancellation
 
 
 class RunStopped(Exception):
@@ -68,21 +71,108 @@ def stoppable(enabled: bool) -> Iterator[Signals]:
 
 
 def stop(signum: int, folder: str, argv: Optional[Sequence[str]],
-         note: str = "") -> RunStopped:
-    """Ends this process's children and describes what the run kept (`note`:
-    what became of a remote job, said first)."""
+         lost: Optional[str] = None) -> RunStopped:
+    """Ends this process's children and describes what the run kept. `lost`:
+    why the run's lease was lost, when that (not a user's signal) stopped it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
     _end_descendants()
-    kept = {prefix: _rows(part_files(folder, prefix)) for prefix in ("embeddings", "failures")}
-    command = "gbif-embed run " + " ".join(shlex.quote(a) for a in argv) if argv else \
-        "the same gbif-embed run command"
-    name = signal.Signals(signum).name
-    said = f"{note}; " if note else ""
-    message = (f"stopped by {name}: {said}kept {kept['embeddings']:,} embedded and "
-               f"{kept['failures']:,} failed images in {folder}/parts (LATEST is unchanged).\n"
+    cause = f"stopped: {lost}" if lost else f"stopped by {signal.Signals(signum).name}"
+    message = (f"{cause}: {_kept(folder)} (LATEST is unchanged).\n"
                f"To resume, run the same command again; it fetches and embeds only the rest:\n"
-               f"  {command}")
-    return RunStopped(message, EXIT_CODES.get(signum, 1))
+               f"  {_command(argv)}")
+    return RunStopped(message, LEASE_LOST_EXIT if lost else EXIT_CODES.get(signum, 1))
+
+
+def cancel(job, signum: int, folder: str, argv: Optional[Sequence[str]], leases: Sequence,
+           lost: Optional[str] = None) -> RunStopped:
+    """A distributed run stopped by a signal (or a lost lease): the launcher
+    cancels its job, so that no worker fetches for a run that holds no lease.
+    When the job is seen to end, the leases are given back (by the caller);
+    when it is not, they are kept without expiry, naming the job, and the
+    message says so: a later run is refused until someone removes them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    cause = f"stopped: {lost}" if lost else f"stopped by {signal.Signals(signum).name}"
+    if job is None:
+        return RunStopped(f"{cause} before the job was submitted; nothing runs.",
+                          LEASE_LOST_EXIT if lost else EXIT_CODES.get(signum, 1))
+    name = _job_id(job)
+    ended, detail = _cancelled(job)
+    code = LEASE_LOST_EXIT if lost else EXIT_CODES.get(signum, 1)
+    resume = (f"To resume, run the same command again; it fetches and embeds only the rest:\n"
+              f"  {_command(argv)}")
+    if ended:
+        return RunStopped(f"{cause}: cancelled the job {name} ({detail}); the lease is given "
+                          f"back. {_kept(folder)} (LATEST is unchanged).\n{resume}", code)
+    kept_for = []
+    for lease in leases:
+        try:
+            lease.keep_until_job_ends(name)
+            kept_for.append(lease.path)
+        except Exception as err:  # the storage cannot be reached: the lease expires
+            kept_for.append(f"{lease.path} (could not be marked: {err}; it expires in "
+                            f"{lease.holder.get('ttl_s') or 'its'} s)")
+    return RunStopped(
+        f"{cause}: could not see the job {name} end ({detail}); it may still be running, "
+        f"so its lease stays until it ends: {', '.join(kept_for)}. Cancel the job in its "
+        f"runner's console, then delete the lease file(s) before running again.\n{resume}",
+        code)
+
+
+def _cancelled(job) -> tuple[bool, str]:
+    """Cancels a job and watches it end: (ended, its last state or the error)."""
+    import time
+
+    from apache_beam.runners.runner import PipelineState
+    try:
+        job.cancel()
+    except Exception as err:
+        return False, f"cancel failed: {type(err).__name__}: {err}"
+    deadline = time.monotonic() + CANCEL_WAIT_S
+    state = None
+    while time.monotonic() < deadline:
+        try:
+            state = job.state
+        except Exception as err:
+            return False, f"its state cannot be read: {err}"
+        if PipelineState.is_terminal(state):
+            return True, f"state {state}"
+        time.sleep(1.0)
+    return False, f"still {state} after {CANCEL_WAIT_S:.0f} s"
+
+
+def _job_id(job) -> str:
+    for attribute in ("job_id", "_job_id"):
+        value = getattr(job, attribute, None)
+        value = value() if callable(value) else value
+        if value:
+            return str(value)
+    return type(job).__name__
+
+
+def _command(argv: Optional[Sequence[str]]) -> str:
+    return "gbif-embed run " + " ".join(shlex.quote(a) for a in argv) if argv else \
+        "the same gbif-embed run command"
+
+
+COUNT_WAIT_S = 15.0  # counting the kept rows: storage that does not answer is not waited for
+
+
+def _kept(folder: str) -> str:
+    """What the run's parts hold, or why that cannot be said now."""
+    import concurrent.futures
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        kept = pool.submit(lambda: {prefix: _rows(part_files(folder, prefix))
+                                    for prefix in ("embeddings", "failures")}
+                           ).result(timeout=COUNT_WAIT_S)
+    except Exception as err:  # the storage itself may be what failed
+        return (f"could not count the rows kept in {folder}/parts "
+                f"({type(err).__name__}: {str(err) or f'no answer in {COUNT_WAIT_S:.0f} s'}); "
+                f"what reached storage is kept")
+    finally:
+        pool.shutdown(wait=False)
+    return (f"kept {kept['embeddings']:,} embedded and {kept['failures']:,} failed images in "
+            f"{folder}/parts")
 
 
 def _rows(paths: list[str]) -> int:

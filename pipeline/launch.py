@@ -24,8 +24,8 @@ from apache_beam.options.pipeline_options import (
     TestOptions,
 )
 
-from pipeline import lease
-from pipeline.interrupt import stop, stoppable
+from pipeline import lease, store_guard
+from pipeline.interrupt import INCOMPLETE_EXIT, RunStopped, cancel, stop, stoppable
 from pipeline.options import GbifEmbedOptions
 from pipeline.summary import format_summary
 from transforms.compare.resume import RUN, resumable_runs
@@ -34,6 +34,7 @@ from transforms.store.layout import default_store
 from transforms.write.snapshot import (
     join,
     new_snapshot_name,
+    read_incomplete,
     read_latest,
     read_manifest,
     write_atomically,
@@ -51,7 +52,7 @@ def run(options: PipelineOptions, argv: Optional[Sequence[str]] = None) -> dict:
 
     A run stopped by Ctrl-C or SIGTERM raises `RunStopped`, which says what
     was kept and how to resume (`argv`: the command's arguments); a remote
-    job is cancelled first (see `_cancel_remote`)."""
+    job is cancelled first (see `pipeline.interrupt.cancel`)."""
     from pipeline.model_check import run_model
     from pipeline.sdk_image import check_sdk_image
     from transforms.embed.models import forget_models
@@ -92,15 +93,28 @@ def run(options: PipelineOptions, argv: Optional[Sequence[str]] = None) -> dict:
     store = opts.image_store or default_store(opts.output)
     snapshot = new_snapshot_name()
     dry_run = bool(options.view_as(TestOptions).dry_run)
-    with contextlib.nullcontext() if dry_run else lease.held(
-            opts.output, snapshot, " ".join(["gbif-embed", "run", *(argv or [])])):
-        return _run(options, argv, opts, model, previous, identity, runner, store, snapshot)
+    command = " ".join(["gbif-embed", "run", *(argv or [])])
+    with contextlib.ExitStack() as held:
+        leases = [] if dry_run else [
+            held.enter_context(lease.held(opts.output, snapshot, command)),
+            held.enter_context(store_guard.held(store, snapshot, opts.output, command))]
+        for taken in leases:
+            taken.on_lost = _interrupt_main
+        return _run(options, argv, opts, model, previous, identity, runner, store, snapshot,
+                    leases)
+
+
+def _interrupt_main(_reason: str) -> None:
+    """A lost lease stops the run the way SIGTERM does (see `stoppable`)."""
+    import _thread
+    import signal
+    _thread.interrupt_main(signal.SIGTERM)
 
 
 def _run(options: PipelineOptions, argv: Optional[Sequence[str]], opts: GbifEmbedOptions,
          model, previous: Optional[str], identity: dict, runner, store: str,
-         snapshot: str) -> dict:
-    """The run itself, while this launcher holds the output folder's lease."""
+         snapshot: str, leases: Sequence = ()) -> dict:
+    """The run itself, while this launcher holds the output's and the store's leases."""
     from pipeline import graph
     model_fingerprint = model.fingerprint
     mode = "full" if opts.full else ("refresh" if previous else "first run")
@@ -130,8 +144,8 @@ def _run(options: PipelineOptions, argv: Optional[Sequence[str]], opts: GbifEmbe
                 previous_folder=join(opts.output, previous) if mode == "refresh" else None,
                 resume_folders=[join(opts.output, name) for name in resumed])
     submitted = time.monotonic()
+    job = None
     with stoppable(True) as signals:
-        job = None
         try:
             with _live_progress(options):
                 job = pipeline.run()
@@ -139,12 +153,17 @@ def _run(options: PipelineOptions, argv: Optional[Sequence[str]], opts: GbifEmbe
         except BaseException:
             if signals.received is None:
                 raise
-            # A remote job outlives its launcher: cancel it before the lease goes.
-            note = _cancel_remote(job) if runner is None else ""
-            raise stop(signals.received, join(opts.output, snapshot), argv, note) from None
+            lost = next((taken.lost for taken in leases if taken.lost), None)
+            if runner is None:  # a distributed job outlives its launcher unless cancelled
+                raise cancel(job, signals.received, join(opts.output, snapshot), argv,
+                             leases, lost) from None
+            raise stop(signals.received, join(opts.output, snapshot), argv, lost) from None
     if options.view_as(TestOptions).dry_run:
         return _dry_run(pipeline, opts.quiet)
     finished = time.monotonic()
+    incomplete = read_incomplete(opts.output, snapshot)
+    if incomplete is not None:  # publishing found rows missing: LATEST was not moved
+        raise RunStopped(incomplete["message"], INCOMPLETE_EXIT)
     result = read_manifest(opts.output, snapshot)
     result["metrics"] = beam_metrics(job)
     report = _write_report(opts.output, snapshot)
@@ -174,34 +193,6 @@ def _precision(options: PipelineOptions, opts: GbifEmbedOptions, model, runner, 
     if not opts.quiet:
         print(f"precision: {choice['precision']} ({choice['decided_by']})", flush=True)
     return choice
-
-
-CANCEL_WAIT_S = 60.0
-
-
-def _cancel_remote(job) -> str:
-    """Cancels a job that runs on a remote runner (Flink, Dataflow, a portable
-    job service) and waits until the runner says it has stopped, so that the
-    output's lease is given back only when the job no longer writes there
-    (otherwise a rerun would take the lease while the first job still fetches
-    and publishes). Says what became of the job."""
-    from apache_beam.runners.runner import PipelineState
-    if job is None:
-        return "the job may have been submitted: check the runner before running again"
-    try:
-        job.cancel()
-        deadline = time.monotonic() + CANCEL_WAIT_S
-        state = job.state
-        while not PipelineState.is_terminal(state) and time.monotonic() < deadline:
-            time.sleep(1)
-            state = job.state
-    except Exception as err:  # the runner's job service may be gone with the cancel
-        return (f"asked the runner to cancel the job; its state could not be read "
-                f"({type(err).__name__}): check the runner before running again")
-    if not PipelineState.is_terminal(state):
-        return (f"the job is still {state} on the runner after {CANCEL_WAIT_S:.0f} s: "
-                "cancel it there before running again")
-    return f"the job was cancelled on the runner (state {state})"
 
 
 def _seconds_since_process_start() -> float:

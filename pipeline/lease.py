@@ -1,41 +1,73 @@
-"""One run at a time per output folder: a lease that a crashed run cannot keep.
+"""One run at a time per folder: a lock on the output (and on the image store)
+that a crashed run cannot keep.
 
 Two runs writing the same `--output` at once would both fetch the same
 images (twice each host's limits) and race to publish. So a run takes
-`OUTPUT/LEASE` at launch, before anything is fetched, renews it while it
-runs (the launcher waits for the job on every runner), and gives it back at
-the end. A second run finds it held and stops with a message naming the
-first. The lease expires `TTL_S` seconds after its last renewal, so a run
-that was killed (SIGKILL, a lost machine) blocks the folder for at most that
-long; it is never forever. A holder on the same machine whose process is
-gone is recognised at once (a rerun after a crash or Ctrl-C need not wait).
+`FOLDER/LEASE` at launch, before anything is fetched, renews it while it
+runs, and gives it back at the end. A second run finds it held and stops with
+a message naming the first. The lease expires `TTL_S` seconds after its last
+renewal, so a run that was killed (SIGKILL, a lost machine) blocks the folder
+for at most that long; a holder on the same machine whose process is gone is
+recognised at once.
 
-Taking a free or expired lease writes it and reads it back after a moment,
-so of two runs starting together only one goes on. (On gs:// this is a
-check, not a lock: two launches within the same second could both proceed.)
+Every change of the lease (take, renew, give back) is a read, a judgement and
+a write made inside a short critical section, so of two runs starting at the
+same instant exactly one goes on:
+- local paths: an exclusive `flock` on `FOLDER/.LEASE.guard` (held for
+  milliseconds; the kernel drops it when the process dies);
+- object stores (gs://): the GCS emulator the tests use ignores generation
+  preconditions, so the section is a mutex made of claims, which needs only
+  what every strongly consistent store gives (a write, then a listing that
+  shows every write finished before it): each contender writes its own claim
+  object `FOLDER/.LEASE.guard/<time>-<token>`, then lists the claims. Of two
+  contenders at least one sees the other's claim (whoever listed last), and
+  whoever sees another live claim withdraws and tries again after a random
+  pause, so two can never be inside together. A claim older than
+  `CLAIM_STALE_S` (a contender that died inside) is ignored and deleted. On
+  real GCS the lease object is also written with `ifGenerationMatch` (the
+  generation read inside the section, 0 when absent), so there the store
+  itself refuses a write that another run's came between.
+
+Renewal compares the lease's token with its own each time: a lease taken over
+(it had expired) or one that cannot be renewed before it would expire is
+*lost*, and the holder is told (`on_lost`): the launcher then stops the run
+as Ctrl-C does, keeping its work.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import json
+import logging
 import os
+import posixpath
+import random
 import socket
 import threading
 import time
-from typing import Iterator, Optional
+import uuid
+from typing import Callable, Iterator, Optional
 
 import fsspec
 
 from transforms.write.snapshot import join, write_atomically
 
 LEASE = "LEASE"
+GUARD = ".LEASE.guard"  # local: the file flock'ed; object stores: the folder of claims
 TTL_S = float(os.environ.get("GBIF_EMBED_LEASE_SECONDS", "120"))
-SETTLE_S = 0.3  # between writing a lease and reading it back
+CLAIM_STALE_S = 30.0  # a claim this old belongs to a contender that died inside
+GUARD_WAIT_S = 120.0  # how long a contender tries to enter the critical section
+
+log = logging.getLogger(__name__)
 
 
 class LeaseHeld(ValueError):
-    """Another run holds the output folder."""
+    """Another run holds the folder."""
+
+
+class LeaseLost(RuntimeError):
+    """This run no longer holds its lease (taken over, or not renewable)."""
 
 
 def _now() -> float:
@@ -57,64 +89,232 @@ def _iso(seconds: float) -> str:
         timespec="seconds")
 
 
+def _filesystem(path: str):
+    fs, _, (local,) = fsspec.get_fs_token_paths(path)
+    return fs, local
+
+
+def _protocols(fs) -> tuple:
+    return fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+
+
+def _is_local(fs) -> bool:
+    return "file" in _protocols(fs)
+
+
+@contextlib.contextmanager
+def exclusive(folder: str) -> Iterator[None]:
+    """The critical section in which a lease is read, judged and written."""
+    fs, root = _filesystem(folder)
+    if _is_local(fs):
+        os.makedirs(root, exist_ok=True)
+        descriptor = os.open(os.path.join(root, GUARD), os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(descriptor)  # closing drops the flock
+        return
+    with _claimed(fs, posixpath.join(root, GUARD)):
+        yield
+
+
+@contextlib.contextmanager
+def _claimed(fs, claims: str) -> Iterator[None]:
+    """A mutex from claim objects (see the module's docstring)."""
+    deadline = time.monotonic() + GUARD_WAIT_S
+    for attempt in range(1_000_000):
+        mine = posixpath.join(claims, f"{time.time_ns():020d}-{uuid.uuid4().hex}")
+        fs.pipe_file(mine, b"{}")
+        try:
+            others = [p for p in fs.ls(claims, detail=False, refresh=True)
+                      if p.rstrip("/") != mine]
+        except FileNotFoundError:
+            others = []
+        live = []
+        for path in others:
+            if _claim_age(path) > CLAIM_STALE_S:
+                with contextlib.suppress(FileNotFoundError):
+                    fs.rm_file(path)
+            else:
+                live.append(path)
+        if not live:
+            try:
+                yield
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    fs.rm_file(mine)
+            return
+        fs.rm_file(mine)  # withdraw, so that the other one can enter
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"could not enter {claims} for {GUARD_WAIT_S:.0f} s: "
+                               f"{len(live)} other claims keep it busy")
+        time.sleep(random.uniform(0.02, 0.2) * min(8, 1 + attempt))
+
+
+def _claim_age(path: str) -> float:
+    name = posixpath.basename(path.rstrip("/"))
+    try:
+        return _now() - int(name.split("-", 1)[0]) / 1e9
+    except ValueError:
+        return float("inf")  # not a claim of ours: ignored and removed
+
+
 class Lease:
-    def __init__(self, output: str, snapshot: str, command: str = ""):
-        self.path = join(output, LEASE)
-        self.output = output
-        self.holder = {"snapshot": snapshot, "host": socket.gethostname(), "pid": os.getpid(),
+    """The lease of one folder (an output, or an image store) for one run."""
+
+    def __init__(self, folder: str, snapshot: str, command: str = "", *,
+                 what: str = "output", output: str = ""):
+        self.path = join(folder, LEASE)
+        self.folder = folder
+        self.what = what
+        self.holder = {"snapshot": snapshot, "output": output or folder,
+                       "host": socket.gethostname(), "pid": os.getpid(),
                        "pid_started": _process_start(os.getpid()),
+                       "token": uuid.uuid4().hex,
                        "started_at": _iso(_now()), "command": command[:500]}
+        self.lost: Optional[str] = None  # why the lease was lost, once it was
+        self.on_lost: Optional[Callable[[str], None]] = None
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._renewed = time.monotonic()  # of the last renewal that succeeded
+        self._error: Optional[BaseException] = None  # of the last renewal that failed
 
+    # -- the lease file -------------------------------------------------------
     def read(self) -> Optional[dict]:
-        fs, _, (path,) = fsspec.get_fs_token_paths(self.path)
+        held, _ = self._read()
+        return held
+
+    def _read(self) -> tuple[Optional[dict], int]:
+        """The lease's content and its generation (object stores; 0 when absent)."""
+        fs, path = _filesystem(self.path)
         fs.invalidate_cache()
         try:
-            with fs.open(path, "r") as handle:
-                return json.load(handle)
-        except (FileNotFoundError, ValueError):
-            return None
+            # The generation first: content newer than it makes the conditional
+            # write fail (a refusal), never succeed over a lease not judged.
+            generation = 0 if _is_local(fs) else int(fs.info(path).get("generation") or 0)
+            with fs.open(path, "rb") as handle:
+                text = handle.read()
+        except FileNotFoundError:
+            return None, 0
+        try:
+            return json.loads(text), generation
+        except ValueError:
+            return {}, generation  # not ours to judge: treated as expired
 
+    def _write(self, generation: int, ttl: Optional[float] = None) -> None:
+        now = _now()
+        ttl = TTL_S if ttl is None else ttl
+        text = json.dumps(dict(self.holder, renewed_at=_iso(now), renewed_at_s=now,
+                               expires_at=_iso(now + ttl) if ttl else "when its job ends",
+                               ttl_s=ttl), indent=2)
+        fs, path = _filesystem(self.path)
+        if "gs" not in _protocols(fs):
+            write_atomically(self.path, text)
+            return
+        _write_if_generation(fs, path, text.encode(), generation)
+
+    # -- taking, renewing, giving back ------------------------------------------
     def acquire(self) -> None:
-        held = self.read()
-        if held is not None and not self._expired(held) and not self._ours(held) \
-                and not self._holder_gone(held):
-            raise LeaseHeld(self._message(held))
-        self._write()
-        time.sleep(SETTLE_S)
-        held = self.read()
-        if held is None or not self._ours(held):
-            raise LeaseHeld(self._message(held or {}))
-        self._thread = threading.Thread(target=self._renew, name="lease", daemon=True)
+        with exclusive(self.folder):
+            held, generation = self._read()
+            if held and not self._ours(held) and not self._expired(held) \
+                    and not self._holder_gone(held):
+                raise LeaseHeld(self._message(held))
+            try:
+                self._write(generation)
+            except FileExistsError:  # the generation changed under us (real GCS)
+                raise LeaseHeld(self._message(self.read() or {})) from None
+        self._renewed = time.monotonic()
+        self._thread = threading.Thread(target=self._renew, name=f"lease-{self.what}",
+                                        daemon=True)
         self._thread.start()
 
+    def renew_once(self) -> None:
+        """One renewal: raises LeaseLost when another run holds the lease now."""
+        with exclusive(self.folder):
+            held, generation = self._read()
+            if not held or held.get("token") != self.holder["token"]:
+                who = self._message(held) if held else f"{self.path} is gone"
+                raise LeaseLost(f"this run's lease on its {self.what} was taken over or "
+                                f"removed ({who})")
+            try:
+                self._write(generation)
+            except FileExistsError:
+                raise LeaseLost(f"this run's lease {self.path} changed under it") from None
+
     def release(self) -> None:
+        """Gives the lease back if this run still holds it; never raises (the
+        lease expires by itself where the storage cannot be reached)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        held = self.read()
-        if held is not None and self._ours(held):
-            fs, _, (path,) = fsspec.get_fs_token_paths(self.path)
-            with contextlib.suppress(FileNotFoundError):
-                fs.rm(path)
+        if self.holder.get("job"):
+            return  # kept for a job that still runs (keep_until_job_ends)
+        if self.lost:
+            return  # another run's now, or it expires by itself: nothing to give back
+        try:
+            with exclusive(self.folder):
+                held, _ = self._read()
+                if held and held.get("token") == self.holder["token"]:
+                    fs, path = _filesystem(self.path)
+                    with contextlib.suppress(FileNotFoundError):
+                        fs.rm_file(path)
+        except Exception as err:
+            log.warning("could not give back %s (%s); it expires by itself", self.path, err)
 
-    def _write(self) -> None:
-        now = _now()
-        write_atomically(self.path, json.dumps(dict(
-            self.holder, renewed_at=_iso(now), renewed_at_s=now, expires_at=_iso(now + TTL_S),
-            ttl_s=TTL_S), indent=2))
+    def keep_until_job_ends(self, job: str) -> None:
+        """Stops renewing and leaves the lease without expiry: a job this
+        launcher can no longer follow still runs and holds the folder."""
+        self._stop.set()
+        self.holder["job"] = job
+        with exclusive(self.folder):
+            held, generation = self._read()
+            if held and held.get("token") == self.holder["token"]:
+                self._write(generation, ttl=0)
 
     def _renew(self) -> None:
-        while not self._stop.wait(TTL_S / 4):
-            try:
-                self._write()
-            except OSError:  # a missed renewal is retried; TTL_S is four of them
-                continue
+        """Every TTL/4: one renewal, on a thread of its own so that a call stuck
+        on an unreachable store cannot hide that the lease is running out."""
+        period = TTL_S / 4
+        attempt: Optional[threading.Thread] = None
+        while not self._stop.wait(period):
+            if self.lost:
+                return
+            if attempt is None or not attempt.is_alive():
+                attempt = threading.Thread(target=self._attempt, daemon=True,
+                                           name=f"lease-renewal-{self.what}")
+                attempt.start()
+                attempt.join(timeout=period * 0.8)
+            if self.lost:
+                return self._lose(self.lost)
+            silent = time.monotonic() - self._renewed
+            if silent > TTL_S - period:  # no later renewal could land in time
+                error = (f"{type(self._error).__name__}: {self._error}" if self._error
+                         else "the storage did not answer")
+                return self._lose(
+                    f"could not renew this run's lease {self.path} for {silent:.0f} s "
+                    f"({error}); it expires in {max(0.0, TTL_S - silent):.0f} s, after "
+                    f"which another run may take the {self.what}")
 
+    def _attempt(self) -> None:
+        try:
+            self.renew_once()
+            self._renewed = time.monotonic()
+        except LeaseLost as lost:
+            self.lost = str(lost)
+        except BaseException as err:  # every storage error: retried until the lease runs out
+            self._error = err
+
+    def _lose(self, reason: str) -> None:
+        self.lost = reason
+        log.error("lease lost: %s", reason)
+        if self.on_lost is not None:
+            self.on_lost(reason)
+
+    # -- judging a holder -------------------------------------------------------
     def _ours(self, held: dict) -> bool:
-        return (held.get("snapshot") == self.holder["snapshot"]
-                and held.get("pid") == self.holder["pid"])
+        return held.get("token") == self.holder["token"]
 
     @staticmethod
     def _holder_gone(held: dict) -> bool:
@@ -122,28 +322,56 @@ class Lease:
         ended without giving the lease back): its lease need not expire first."""
         if held.get("host") != socket.gethostname() or not isinstance(held.get("pid"), int):
             return False
+        if held.get("job"):  # its job outlives the launcher
+            return False
         return _process_start(held["pid"]) != held.get("pid_started")
 
     @staticmethod
     def _expired(held: dict) -> bool:
         renewed = held.get("renewed_at_s")
-        ttl = held.get("ttl_s") or TTL_S
-        return not isinstance(renewed, (int, float)) or _now() > renewed + ttl
+        ttl = held.get("ttl_s", TTL_S)
+        if ttl == 0 and held.get("job"):
+            return False  # kept until its job ends: removed by hand
+        return not isinstance(renewed, (int, float)) or _now() > renewed + (ttl or TTL_S)
 
     def _message(self, held: dict) -> str:
         renewed = held.get("renewed_at_s")
         ago = f"{_now() - renewed:.0f} s ago" if isinstance(renewed, (int, float)) else "?"
-        return (f"another run is writing to {self.output}: {held.get('snapshot', '?')}, "
+        job = (f", kept for its job {held['job']} until that job ends"
+               if held.get("job") else "")
+        if self.what == "output":
+            head = f"another run is writing to {self.folder}"
+            why = "Two runs on one output would fetch every image twice"
+        else:
+            head = (f"another run (output {held.get('output', '?')}) is using the "
+                    f"{self.what} {self.folder}")
+            why = ("Two runs sharing one image store would fetch the same URLs at the same "
+                   "time")
+        return (f"{head}: {held.get('snapshot', '?')}, "
                 f"started {held.get('started_at', '?')} on {held.get('host', '?')} "
                 f"(pid {held.get('pid', '?')}), lease renewed {ago}, expires "
-                f"{held.get('expires_at', '?')}. Two runs on one output would fetch every "
-                f"image twice; wait for it to finish (a run that died gives the folder back "
-                f"when its lease expires, or delete {self.path} if you are sure it is gone)")
+                f"{held.get('expires_at', '?')}{job}. {why}; wait for it to finish (a run "
+                f"that died gives the folder back when its lease expires, or delete "
+                f"{self.path} if you are sure it is gone)")
+
+
+def _write_if_generation(fs, path: str, data: bytes, generation: int) -> None:
+    """One JSON-API upload with `ifGenerationMatch` (0: only if absent): real GCS
+    refuses it with 412 (FileExistsError) when the object changed since it was read."""
+    bucket, key, _ = fs.split_path(path)
+    body = (b'--==0==\nContent-Type: application/json; charset=UTF-8\n\n' +
+            json.dumps({"name": key}).encode() +
+            b'\n--==0==\nContent-Type: application/octet-stream\n\n' + data + b"\n--==0==--")
+    fs.call("POST", f"{fs._location}/upload/storage/v1/b/{bucket}/o", uploadType="multipart",
+            ifGenerationMatch=str(generation), data=body,
+            headers={"Content-Type": 'multipart/related; boundary="==0=="'}, json_out=True)
+    fs.invalidate_cache(path)
 
 
 @contextlib.contextmanager
-def held(output: str, snapshot: str, command: str = "") -> Iterator[Lease]:
-    lease = Lease(output, snapshot, command)
+def held(folder: str, snapshot: str, command: str = "", *, what: str = "output",
+         output: str = "") -> Iterator[Lease]:
+    lease = Lease(folder, snapshot, command, what=what, output=output)
     lease.acquire()
     try:
         yield lease

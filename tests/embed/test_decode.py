@@ -171,3 +171,41 @@ def test_decode_dofn_with_lookahead_in_a_pipeline():
                     equal_to([i for i in range(60) if i % 7]), label="decoded")
         assert_that(out[FAILURES] | beam.Map(lambda f: f["gbifID"]),
                     equal_to([i for i in range(60) if not i % 7]), label="failed")
+
+
+def test_a_thumbnail_that_cannot_be_made_leaves_the_picture_embedded(monkeypatch):
+    """The report's thumbnail is a courtesy: its failure costs the thumbnail only."""
+    from transforms.embed import decode as decode_module
+
+    def broken(_rgb, px=240):
+        raise OSError("encoder error -2 when writing image file")
+    monkeypatch.setattr(decode_module, "thumbnail_jpeg", broken)
+    dofn = DecodeImages(threads=1, run="thumbnail-test")
+    dofn.setup()
+    image = {"content": _encode(_left_red_right_blue(), "JPEG"), "image_sha256": "00" * 32,
+             "tasks": [{"gbifID": 1, "identifier": "http://h/1.jpg"}]}
+    outputs = list(dofn.work(image))
+    assert len(outputs) == 1 and outputs[0]["pixels"].shape == (299, 299, 3)
+    assert dofn.tally.flush().get("decode.thumbnail_failed") == 1
+    dofn.teardown()
+
+
+def test_any_error_on_a_pictures_path_becomes_its_failure_rows(monkeypatch):
+    """Not only DecodeError: whatever raises while a picture is decoded ends as
+    internal_error rows for every row of the picture, never a failed bundle."""
+    from transforms.embed import decode as decode_module
+
+    def exploding(*_args, **_kwargs):
+        raise MemoryError("cannot allocate")
+    monkeypatch.setattr(decode_module, "model_input", exploding)
+    dofn = DecodeImages(threads=1)
+    dofn.setup()
+    image = {"content": _encode(_left_red_right_blue(), "PNG"), "image_sha256": "ab" * 32,
+             "tasks": [{"gbifID": 1, "identifier": "http://h/1.png"},
+                       {"gbifID": 2, "identifier": "http://h/1.png"}]}
+    outputs = list(dofn.work(image))
+    assert [(o.tag, o.value["gbifID"], o.value["reason"], o.value["detail"])
+            for o in outputs] == [
+        (FAILURES, 1, "internal_error", "MemoryError: cannot allocate"),
+        (FAILURES, 2, "internal_error", "MemoryError: cannot allocate")]
+    dofn.teardown()

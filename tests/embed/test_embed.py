@@ -122,13 +122,30 @@ def test_a_failed_batch_becomes_failure_rows(tiny):
         assert_that(failures | beam.Map(lambda f: (f["gbifID"], f["stage"], f["reason"])),
                     equal_to([(0, "embed", "inference_error"), (1, "embed", "inference_error")]),
                     label="failures")
-    with pytest.raises(ValueError, match=r"expected uint8 pictures of shape \(299, 299, 3\); "
-                                         r"found float32 \[299, 299, 3\]"):
-        handler.run_inference([np.zeros((299, 299, 3), np.float32)], handler.load_model())
+    [(vector, detail, _)] = handler.run_inference([np.zeros((299, 299, 3), np.float32)],
+                                                  handler.load_model())
+    assert vector is None and detail == ("ValueError: expected uint8 pictures of shape "
+                                         "(299, 299, 3); found float32 [299, 299, 3]")
     import concurrent.futures
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         call = pool.submit(lambda: load(tiny).embed(_pictures(1)))
         assert call.result(timeout=60).shape == (1, 256)
+
+
+def test_one_bad_picture_fails_alone_not_its_batch(tiny):
+    """Inference of one item fails: its rows become failure rows with the
+    reason, and its batch-mates are still embedded (each is tried alone)."""
+    handler = _handler(tiny, 4)
+    pictures = _pictures(3, seed=5)
+    images = [dict(_image(i, pictures[i]), http_status=200, attempts=1) for i in range(3)]
+    images.append(dict(_image(3, np.zeros((10, 10, 3), np.uint8)), http_status=200, attempts=1))
+    with beam.Pipeline(runner="BundleBasedDirectRunner") as p:
+        rows, failures, _, _ = p | beam.Create(images) | Embed(handler, "sha256:test")
+        assert_that(rows | beam.Map(lambda r: r["gbifID"]), equal_to([0, 1, 2]), label="rows")
+        assert_that(failures | beam.Map(lambda f: (f["gbifID"], f["stage"], f["reason"],
+                                                   f["detail"].split(":")[0])),
+                    equal_to([(3, "embed", "inference_error", "ValueError")]),
+                    label="failures")
 
 
 def test_rows_are_written_where_they_are_made(tiny, tmp_path):

@@ -105,3 +105,65 @@ def test_groups_of_one_bundle_do_not_wait_for_each_other(server, tmp_path):
         assert slow_so_far < 30 and fast_done < 5.0, (fast_done, slow_so_far)
         fn.start_bundle()  # stop here: the rest of the slow host is not needed
         fn.teardown()
+
+
+def _noise_jpeg(seed: int, side: int = 256) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def test_a_failure_late_in_a_large_shard_retries_in_bounded_memory(server, tmp_path):
+    """A bundle fails after most of its shard was fetched and stored: the retry
+    fetches only what was not stored, and streams the stored copies back a
+    row group at a time instead of holding every copy of the shard at once."""
+    import tracemalloc
+    n = 300
+    urls = [server.add(f"/big/{i}.jpg", _noise_jpeg(i, 384)) for i in range(n)]
+    cfg = config(per_host_concurrency=4, per_host_rate=1000.0, max_image_bytes=1_000_000)
+    group = (("127.0.0.1", 0), [_task(i, u) for i, u in enumerate(urls)])
+    fn = FetchHostShards(cfg, str(tmp_path / "store"), "snapshot-m", every=(1, 0.0))
+    fn.setup()
+    fn.start_bundle()
+    first = _images(_drive(fn, group))
+    while len(first) < n - 20:  # late in the shard, the bundle fails
+        first += _images(fn._emit(block=True))
+    stored_bytes = sum(len(image["content"]) for image in first)
+    del first
+    fetched_before = [server.hits(f"/big/{i}.jpg") for i in range(n)]
+    fn.start_bundle()  # the runner retries it
+    tracemalloc.start()
+    seen, largest = 0, 0
+    for output in fn.process(group, window=WINDOW, timestamp=MIN_TIMESTAMP):
+        value = getattr(output, "value", output)
+        if isinstance(value, dict) and "tasks" in value:
+            seen += len(value["tasks"])
+            largest = max(largest, len(value["content"]))
+        del output, value  # the runner hands each output on: nothing here keeps it
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    tally: dict = {}
+    for output in fn.finish_bundle():
+        value = getattr(output, "value", output)
+        value = getattr(value, "value", value)  # a tagged output's windowed value
+        if isinstance(value, dict) and "tasks" in value:
+            seen += len(value["tasks"])
+        elif isinstance(value, dict) and getattr(output, "tag", None) == "tally":
+            tally.update(value)
+    fn.teardown()
+    assert seen == n  # every row, once
+    from_store = tally.get("fetch.already_stored_in_run", 0)
+    assert from_store >= n - 20 - 4  # what was stored is not fetched again...
+    again = [server.hits(f"/big/{i}.jpg") - fetched_before[i] for i in range(n)]
+    assert sum(again) == n - from_store and max(again) <= 1  # ...only the rest is
+    # Memory while streaming the stored copies back: a few row groups of
+    # pictures, not the shard's (the old retry held every stored copy at once).
+    from transforms.store.writing import ROW_GROUP_ROWS
+    assert stored_bytes > 25_000_000
+    assert peak < 2.5 * ROW_GROUP_ROWS * largest and peak < stored_bytes / 2, (
+        peak, stored_bytes, largest)

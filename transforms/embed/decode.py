@@ -95,7 +95,20 @@ class DecodeImages(ThreadedDoFn):
         self._run = run  # the run the thumbnails are counted for
 
     def work(self, fetched: dict) -> Iterable:
+        """Never raises: any error on a picture's path ends as its rows' failure
+        rows (a bundle that failed instead would be retried and fail again)."""
         image = {k: v for k, v in fetched.items() if k != "content"}
+        try:
+            return self._decoded(fetched, image)
+        except Exception as err:  # a bug or a picture no one foresaw: the rows still end
+            self.tally.add("decode.reason.internal_error")
+            try:
+                return [TaggedOutput(FAILURES, row) for row in failures_of(
+                    image, "decode", "internal_error", f"{type(err).__name__}: {err}")]
+            except Exception:  # not even the rows can be named: nothing to write
+                return []
+
+    def _decoded(self, fetched: dict, image: dict) -> list:
         try:
             rgb, width, height = decode_rgb(fetched["content"], self._resize, self._size,
                                             max_pixels=self._max_pixels)
@@ -111,9 +124,19 @@ class DecodeImages(ThreadedDoFn):
                               height=image.get("height") or height)]
         sha = image.get("image_sha256") or ""
         if sha and keep_thumbnail(sha, self._run):
-            first = image["tasks"][0]
-            outputs.append(TaggedOutput(THUMBNAILS, {
-                "coreID": first.get("coreID"), "gbifID": first.get("gbifID"),
-                "identifier": first.get("identifier"),
-                "image_sha256": sha, "thumbnail": thumbnail_jpeg(rgb)}))
+            thumbnail = self._thumbnail(image, sha, rgb)
+            if thumbnail is not None:
+                outputs.append(TaggedOutput(THUMBNAILS, thumbnail))
         return outputs
+
+    def _thumbnail(self, image: dict, sha: str, rgb: Image.Image):
+        """The report's thumbnail: a courtesy, so a picture whose thumbnail
+        cannot be made is still embedded (and counted), just not shown."""
+        try:
+            first = image["tasks"][0]
+            return {"coreID": first.get("coreID"), "gbifID": first.get("gbifID"),
+                    "identifier": first.get("identifier"), "image_sha256": sha,
+                    "thumbnail": thumbnail_jpeg(rgb)}
+        except Exception:
+            self.tally.add("decode.thumbnail_failed")
+            return None

@@ -17,7 +17,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 from apache_beam.pvalue import TaggedOutput
 
-from transforms.common.records import failures_of
+from transforms.common.records import FAILURES, failures_of
 from transforms.common.tally import TALLY
 from transforms.embed import dedup as content_dedup
 from transforms.embed import models
@@ -107,8 +107,16 @@ class ImageEmbedder(ModelHandler[np.ndarray, tuple, "_OnFirstBatch"]):
     def run_inference(self, batch: Sequence[np.ndarray], model: "_OnFirstBatch",
                       inference_args: Optional[dict] = None) -> Iterable[tuple]:
         # Bare vectors: a PredictionResult would keep the input picture alive.
-        loaded = model.loaded()
-        vectors = loaded.embed(stacked(batch, self._spec.image_size))
+        loaded = model.loaded()  # a model that cannot load fails the batch (every row)
+        try:
+            vectors = loaded.embed(stacked(batch, self._spec.image_size))
+        except Exception as err:
+            if len(batch) == 1:
+                return [(None, f"{type(err).__name__}: {err}")]
+            # One picture the model cannot take must not fail its batch-mates:
+            # each is tried alone, and only those that fail alone fail.
+            return [self.run_inference([picture], model, inference_args)[0]
+                    for picture in batch]
         return [(vector, loaded.precision) for vector in vectors]
 
     def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
@@ -132,6 +140,11 @@ class _ToRows(beam.DoFn):
 
     def process(self, keyed):
         image, (vector, precision) = keyed  # not PredictionResults: see run_inference
+        if vector is None:  # this picture alone failed inference; `precision` says why
+            yield TaggedOutput(TALLY, {"embed.item_failed": 1})
+            for row in failures_of(image, "embed", "inference_error", precision):
+                yield TaggedOutput(FAILURES, row)
+            return
         vector = np.asarray(vector, dtype=np.float32)
         image = dict(image, precision=precision)
         content_dedup.remember(self._run, image, vector)
@@ -164,6 +177,7 @@ class Embed(beam.PTransform):
         results, dead = (keyed | "RunInference" >> RunInference(
             KeyedModelHandler(self._handler)).with_exception_handling())
         rows = results | "ToRows" >> beam.ParDo(_ToRows(self._fingerprint, self._run)).with_outputs(
-            TALLY, CACHE, main="rows")
-        failures = dead.failed_inferences | "FailedBatches" >> beam.FlatMap(_failed_batch)
+            TALLY, CACHE, FAILURES, main="rows")
+        failed_batches = dead.failed_inferences | "FailedBatches" >> beam.FlatMap(_failed_batch)
+        failures = (failed_batches, rows[FAILURES]) | "InferenceFailures" >> beam.Flatten()
         return rows.rows, failures, rows[TALLY], rows[CACHE]

@@ -21,7 +21,10 @@ A bundle that fails and is retried cannot hold a shard's budget twice
 (grants are keyed by shard, and a new bundle first gives back what an
 unfinished one held), nor see the failed attempt's queued fetches; the retry
 reads back what the failed attempt already stored for its shards (their own
-parts only) and fetches only the rest.
+parts only): first which of its URLs were stored (two index columns), then
+the copies themselves, streamed a row group at a time and emitted as they are
+read, so memory stays bounded however late in a shard the failure came; it
+fetches only the rest.
 """
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ from transforms.fetch.results import copy_of, image, outputs, store_entries
 from transforms.fetch.scheduler import HostScheduler, Job
 from transforms.store.copies import StoredCopy
 from transforms.store.layout import ImageStore
-from transforms.store.writing import StoreWriter, stored_in_run
+from transforms.store.writing import StoreWriter, stored_copies_in_run, stored_entries_in_run
 
 INVALID_HOST = "(invalid)"
 # Limits of a host this process holds no shard of: a redirect target on
@@ -138,27 +141,46 @@ class FetchHostShards(beam.DoFn):
             return
         if self._busy_since is None:
             self._busy_since = time.monotonic()
-        done = self._stored_before(host, shard)
+        done = self._stored_before(host, shard, set(
+            rows[0].get("identifier") or "" for rows in by_url.values()))
         if host != INVALID_HOST:
             key = (host, shard)
             self._politeness.grant(host, self.config.shard_budgets(host)[shard], key=key)
             if (host, key) not in self._granted:
                 self._granted.append((host, key))
+        waiting: dict[str, list] = {}  # content → (url, rows, entry) stored by an earlier attempt
         for url, rows in by_url.items():
             self.tally.add("fetch.distinct_urls")
             if len(rows) > 1:
                 self.tally.add("dedup.rows_sharing_a_fetch", len(rows) - 1)
             stored = done.get(rows[0].get("identifier") or "")
             if stored is not None and not any(r.get("revalidate") for r in rows):
-                self.tally.add("fetch.already_stored_in_run")
-                yield _windowed(_from_store(rows, stored), window, timestamp)
+                waiting.setdefault(stored["image_sha256"], []).append((url, rows, stored))
                 continue
-            etag, last_modified = _conditional(rows)
-            self._scheduler.submit(Job(host, url, etag, last_modified,
-                                       payload=(self._bundle, shard, rows, window, timestamp),
-                                       group=shard))
+            self._submit(host, shard, url, rows, window, timestamp)
+        if waiting:
+            yield from self._stream_stored(host, shard, waiting, window, timestamp)
         yield from self._emit(block=False)
         self._metrics.flush()
+
+    def _submit(self, host: str, shard: int, url: str, rows: list, window, timestamp) -> None:
+        etag, last_modified = _conditional(rows)
+        self._scheduler.submit(Job(host, url, etag, last_modified,
+                                   payload=(self._bundle, shard, rows, window, timestamp),
+                                   group=shard))
+
+    def _stream_stored(self, host: str, shard: int, waiting: dict, window, timestamp):
+        """What an earlier attempt of this bundle stored, read back copy by copy
+        (bounded memory however much it was) and emitted as it is read; a copy
+        no longer found is fetched again."""
+        for copy in stored_copies_in_run(self._store, self._run, host, shard, set(waiting)):
+            for _, rows, entry in waiting.pop(copy["image_sha256"], ()):
+                self.tally.add("fetch.already_stored_in_run")
+                yield _windowed(_from_store(rows, dict(entry, copy=copy)), window, timestamp)
+            yield from self._emit(block=False)
+        for pending in waiting.values():
+            for url, rows, _ in pending:
+                self._submit(host, shard, url, rows, window, timestamp)
 
     def finish_bundle(self):
         while self._scheduler.pending():
@@ -185,12 +207,13 @@ class FetchHostShards(beam.DoFn):
             self._politeness.revoke(host, None, key=key)
         self._granted = []
 
-    def _stored_before(self, host: str, shard: int) -> dict:
-        """What this run already stored for the shard (a retried bundle's
-        earlier attempt); empty on a first attempt, at the cost of one listing."""
+    def _stored_before(self, host: str, shard: int, identifiers: set) -> dict:
+        """Which of these URLs this run already stored for the shard (a retried
+        bundle's earlier attempt): their URL entries, without the pictures;
+        empty on a first attempt, at the cost of one listing."""
         if self._store is None or not self._run or host == INVALID_HOST:
             return {}
-        return stored_in_run(self._store, self._run, host, shard)
+        return stored_entries_in_run(self._store, self._run, host, shard, identifiers)
 
     def _emit(self, block: bool) -> Iterable[Any]:
         for job, result, copy in self._scheduler.take(block):

@@ -3,7 +3,8 @@
 Each host shard's pictures and URL entries go to parts of their own
 (`<run>-<shard>-*`), pictures first, so a URL entry never names a content
 whose copy is not durable yet, and a retried shard reads back only its own
-parts (`stored_in_run`) instead of every part of the run. A content this
+parts (`stored_entries_in_run`, then the copies streamed by
+`stored_copies_in_run`) instead of every part of the run. A content this
 process already stored in this run is not stored again.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import threading
 from typing import Optional
 
 from transforms.store.layout import IMAGE_SCHEMA, IMAGES, URL_SCHEMA, URLS, ImageStore, shard_tag
-from transforms.store.reading import read_columns
+from transforms.store.reading import read_columns, rows_for_anywhere
 from transforms.write.parts import PartWriter
 
 # A part of pictures is merged with its shard's others up to this size: reading
@@ -90,25 +91,41 @@ def url_entry(identifier: str, fetched_from: str, outcome: str, *, sha: Optional
             "outcome": outcome, "fetched_at": datetime.datetime.now(datetime.timezone.utc)}
 
 
-def stored_in_run(store: ImageStore, run: str, host: str, shard: int) -> dict[str, dict]:
-    """What this run already stored for one host shard: identifier → its URL
-    entry with the copy's row under "copy" (only entries whose copy was found).
-    Reads only the shard's own parts."""
+def stored_entries_in_run(store: ImageStore, run: str, host: str, shard: int,
+                          identifiers: set[str]) -> dict[str, dict]:
+    """Of `identifiers`, those this run already stored for one host shard:
+    identifier → its URL entry (no picture bytes). Reads the shard's own URL
+    parts only, two columns first, so memory is the wanted entries, not the
+    shard's."""
     prefix = f"{run}-{shard_tag(host, shard)}-"
     entries: dict[str, dict] = {}
     for path in store.parts(store.folder(URLS), prefix):
+        keys = read_columns(path, ["identifier", "image_sha256"])
+        if keys is None:
+            continue
+        hits = [i for i, (identifier, sha) in enumerate(zip(
+            keys.column("identifier").to_pylist(), keys.column("image_sha256").to_pylist()))
+            if sha and identifier in identifiers]
+        if not hits:
+            continue
         table = read_columns(path, URL_SCHEMA.names)
-        for entry in (table.to_pylist() if table is not None else ()):
-            if entry["image_sha256"]:
+        if table is not None:
+            for entry in table.take(hits).to_pylist():
                 entries[entry["identifier"]] = entry
-    if not entries:
-        return {}
-    copies: dict[str, dict] = {}
-    wanted = {e["image_sha256"] for e in entries.values()}
+    return entries
+
+
+def stored_copies_in_run(store: ImageStore, run: str, host: str, shard: int,
+                         shas: set[str]):
+    """The copies of `shas` this run stored for one host shard, one at a time
+    as they are read (a row group of ROW_GROUP_ROWS pictures at most in
+    memory): a retried bundle streams back what it needs."""
+    prefix = f"{run}-{shard_tag(host, shard)}-"
+    left = set(shas)
     for path in store.parts(store.folder(IMAGES), prefix):
-        table = read_columns(path, IMAGE_SCHEMA.names)
-        for row in (table.to_pylist() if table is not None else ()):
-            if row["image_sha256"] in wanted:
-                copies.setdefault(row["image_sha256"], row)
-    return {url: dict(entry, copy=copies[entry["image_sha256"]])
-            for url, entry in entries.items() if entry["image_sha256"] in copies}
+        if not left:
+            return
+        for row in rows_for_anywhere(path, set(left), IMAGE_SCHEMA.names):
+            if row["image_sha256"] in left:
+                left.discard(row["image_sha256"])
+                yield row

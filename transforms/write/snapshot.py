@@ -22,11 +22,12 @@ import apache_beam as beam
 import fsspec
 import pyarrow.parquet as pq
 
-from transforms.write.compact import compact, remove_parts
+from transforms.write.compact import compact, part_files, remove_parts
 from transforms.compare.resume import still_resumable
 
 LATEST = "LATEST"
 MANIFEST = "manifest.json"
+INCOMPLETE = "INCOMPLETE.json"  # a snapshot publishing refused: the counts that differ
 
 
 def new_snapshot_name(now: Optional[datetime.datetime] = None) -> str:
@@ -127,54 +128,152 @@ class _Publish(beam.DoFn):
     def process(self, _, embeddings, failures, tally):
         # The side inputs only make this step wait for the writers: the files
         # are what the parts folder holds, retried bundles' parts included.
-        folder = join(self._output, self._snapshot)
-        published = _read_json(join(folder, MANIFEST))
-        if published is not None:  # an earlier attempt of this step got that far
-            yield self._point_at(folder, published)
-            return
-        publishing = time.monotonic()
-        _remove_compacted(folder)  # what an earlier attempt began: compacting is redone
-        seen: set = set()
-        files = {prefix: compact(folder, prefix, self._schemas[prefix], seen)
-                 for prefix in ("embeddings", "failures")}
-        if "thumbnails" in self._schemas:  # keyed apart: one per image, not per row
-            files["thumbnails"] = compact(folder, "thumbnails", self._schemas["thumbnails"])
-        for prefix, written in files.items():
-            if not written and prefix != "thumbnails":  # readers globbing `<prefix>-*.parquet` find the schema
-                path = join(folder, f"{prefix}-empty.parquet")
-                with fsspec.open(path, "wb") as handle:
-                    pq.write_table(self._schemas[prefix].empty_table(), handle)
-                written.append((path, 0))
-        finished = datetime.datetime.now(datetime.timezone.utc)
-        manifest = dict(self._manifest)
-        launched = datetime.datetime.fromisoformat(manifest["launched_at"])
-        seconds = (finished - launched).total_seconds()
-        counts = summarize(tally, files["embeddings"], files["failures"])
-        processed = (counts["embedded"] - counts["reused"] - counts["resumed"] +
-                     counts["failed"])
-        manifest.update({
-            "finished_at": finished.isoformat(),
-            "counts": counts,
-            "files": {prefix: [{"path": posixpath.basename(p), "rows": n}
-                               for p, n in sorted(written)]
-                      for prefix, written in files.items()},
-            "fetch": {k: v for k, v in tally.items() if k.startswith("fetch.")},
-            "timings": {"seconds": round(seconds, 3),
-                        "publish_s": round(time.monotonic() - publishing, 3),
-                        "images_per_second": round(processed / seconds, 3) if seconds else None},
-            "tally": tally,
-        })
-        write_atomically(join(folder, MANIFEST), json.dumps(manifest, indent=2, default=str))
-        yield self._point_at(folder, manifest)
+        yield publish(self._output, self._snapshot, self._manifest, self._schemas, tally,
+                      self._keep)
 
-    def _point_at(self, folder: str, manifest: dict) -> dict:
-        """After the manifest: LATEST, pruning, and the parts' removal, each
-        safe to do twice, so a retried step finishes what a failed one began."""
-        write_atomically(join(self._output, LATEST), self._snapshot + "\n")
-        if self._keep > 0:
-            prune(self._output, self._snapshot, self._keep)
-        remove_parts(folder)
-        return manifest
+
+
+def publish(output: str, snapshot: str, manifest: dict, schemas: dict, tally: dict,
+            keep_snapshots: int = 0) -> dict:
+    """Compacts the run's parts, checks that the snapshot is whole, writes its
+    manifest and only then moves LATEST. A snapshot that is not whole (rows
+    unaccounted for, a file that cannot be read back) is not published: the
+    previous LATEST stays, `INCOMPLETE.json` says which counts differ, the
+    parts stay for a rerun to resume from, and the result says `incomplete`."""
+    folder = join(output, snapshot)
+    published = _read_json(join(folder, MANIFEST))
+    if published is not None:  # an earlier attempt of this step got that far
+        return _point_at(output, snapshot, keep_snapshots, published)
+    publishing = time.monotonic()
+    _remove_compacted(folder)  # what an earlier attempt began: compacting is redone
+    _drop_a_part_for_tests(folder)
+    seen: set = set()
+    try:
+        files = {prefix: compact(folder, prefix, schemas[prefix], seen)
+                 for prefix in ("embeddings", "failures")}
+        if "thumbnails" in schemas:  # keyed apart: one per image, not per row
+            files["thumbnails"] = compact(folder, "thumbnails", schemas["thumbnails"])
+    except (OSError, ValueError) as err:  # a part that cannot be read (pyarrow's errors
+        # are ValueErrors or OSErrors): nothing is published
+        return _incomplete(output, snapshot, summarize(tally, [], []), {
+            "unreadable": f"{type(err).__name__}: {err}"[:1000]})
+    for prefix, written in files.items():
+        if not written and prefix != "thumbnails":  # readers globbing `<prefix>-*.parquet` find the schema
+            path = join(folder, f"{prefix}-empty.parquet")
+            with fsspec.open(path, "wb") as handle:
+                pq.write_table(schemas[prefix].empty_table(), handle)
+            written.append((path, 0))
+    counts = summarize(tally, files["embeddings"], files["failures"])
+    differences = _not_whole(counts, files)
+    if differences:
+        return _incomplete(output, snapshot, counts, differences)
+    finished = datetime.datetime.now(datetime.timezone.utc)
+    manifest = dict(manifest)
+    launched = datetime.datetime.fromisoformat(manifest["launched_at"])
+    seconds = (finished - launched).total_seconds()
+    processed = (counts["embedded"] - counts["reused"] - counts["resumed"] +
+                 counts["failed"])
+    manifest.update({
+        "finished_at": finished.isoformat(),
+        "counts": counts,
+        "files": {prefix: [{"path": posixpath.basename(p), "rows": n}
+                           for p, n in sorted(written)]
+                  for prefix, written in files.items()},
+        "fetch": {k: v for k, v in tally.items() if k.startswith("fetch.")},
+        "timings": {"seconds": round(seconds, 3),
+                    "publish_s": round(time.monotonic() - publishing, 3),
+                    "images_per_second": round(processed / seconds, 3) if seconds else None},
+        "tally": tally,
+    })
+    _remove(join(folder, INCOMPLETE))  # what an earlier attempt of this step found
+    write_atomically(join(folder, MANIFEST), json.dumps(manifest, indent=2, default=str))
+    return _point_at(output, snapshot, keep_snapshots, manifest)
+
+
+def _remove(path: str) -> None:
+    fs, _, (local,) = fsspec.get_fs_token_paths(path)
+    if fs.exists(local):
+        fs.rm(local)
+
+
+def _drop_a_part_for_tests(folder: str) -> None:
+    """Tests only (tests/write/test_whole_snapshots.py): with
+    GBIF_EMBED_TEST_DROP_PART_BEFORE_PUBLISH=<prefix>, one part of that kind is
+    deleted here, as a bug or a storage lifecycle rule could."""
+    prefix = os.environ.get("GBIF_EMBED_TEST_DROP_PART_BEFORE_PUBLISH")
+    if prefix:
+        parts = part_files(folder, prefix)
+        if parts:
+            _remove(parts[0])
+
+
+def _not_whole(counts: dict, files: dict) -> dict:
+    """What keeps a snapshot from being whole: embedded + failed + skipped
+    differing from the export's image rows, and files whose rows, read back
+    from their footers, differ from what was written (or cannot be read)."""
+    differences: dict = {}
+    if counts["accounted"] != counts["export_rows"]:
+        differences["rows"] = {
+            "export_rows": counts["export_rows"], "embedded": counts["embedded"],
+            "failed": counts["failed"], "skipped": counts["skipped"],
+            "accounted": counts["accounted"],
+            "unaccounted": counts["export_rows"] - counts["accounted"]}
+    for prefix, written in files.items():
+        for path, rows in written:
+            try:
+                with fsspec.open(path, "rb") as handle:
+                    found = pq.ParquetFile(handle).metadata.num_rows
+            except Exception as err:
+                differences.setdefault("unreadable_files", []).append(
+                    {"path": posixpath.basename(path), "error": f"{type(err).__name__}: {err}"})
+                continue
+            if found != rows:
+                differences.setdefault("files", []).append(
+                    {"path": posixpath.basename(path), "counted": rows, "read": found})
+    return differences
+
+
+def _incomplete(output: str, snapshot: str, counts: dict, differences: dict) -> dict:
+    """Marks the snapshot incomplete (LATEST is not moved) and says why."""
+    folder = join(output, snapshot)
+    previous = read_latest(output)
+    parts = []
+    if "rows" in differences:
+        d = differences["rows"]
+        parts.append(f"embedded {d['embedded']:,} + failed {d['failed']:,} + skipped "
+                     f"{d['skipped']:,} = {d['accounted']:,}, but the export has "
+                     f"{d['export_rows']:,} image rows ({d['unaccounted']:,} unaccounted)")
+    for entry in differences.get("files", []):
+        parts.append(f"{entry['path']} holds {entry['read']:,} rows, not {entry['counted']:,}")
+    for entry in differences.get("unreadable_files", []):
+        parts.append(f"{entry['path']} cannot be read ({entry['error']})")
+    if "unreadable" in differences:
+        parts.append(f"a part cannot be read ({differences['unreadable']})")
+    message = (f"the snapshot {snapshot} is incomplete and was not published: "
+               f"{'; '.join(parts)}. LATEST still names {previous or 'no snapshot'}; "
+               f"{join(folder, INCOMPLETE)} has the counts. Run the same command again: "
+               f"it resumes from this run's parts and the image store, and publishes only a "
+               f"whole snapshot")
+    _remove_compacted(folder)  # the parts stay; half a snapshot's files would mislead
+    write_atomically(join(folder, INCOMPLETE), json.dumps(
+        {"snapshot": snapshot, "message": message, "counts": counts,
+         "differences": differences}, indent=2, default=str))
+    return {"snapshot": snapshot, "incomplete": message, "counts": counts}
+
+
+def read_incomplete(output: str, snapshot: str) -> Optional[dict]:
+    """What publishing found wrong with a snapshot it did not publish, or None."""
+    return _read_json(join(output, snapshot, INCOMPLETE))
+
+
+def _point_at(output: str, snapshot: str, keep: int, manifest: dict) -> dict:
+    """After the manifest: LATEST, pruning, and the parts' removal, each
+    safe to do twice, so a retried step finishes what a failed one began."""
+    write_atomically(join(output, LATEST), snapshot + "\n")
+    if keep > 0:
+        prune(output, snapshot, keep)
+    remove_parts(join(output, snapshot))
+    return manifest
 
 
 def _read_json(path: str) -> Optional[dict]:

@@ -123,7 +123,7 @@ def test_a_failed_batch_becomes_failure_rows(tiny):
                     equal_to([(0, "embed", "inference_error"), (1, "embed", "inference_error")]),
                     label="failures")
     [(vector, detail)] = handler.run_inference([np.zeros((299, 299, 3), np.float32)],
-                                                  handler.load_model())
+                                               handler.load_model())
     assert vector is None and detail == ("ValueError: expected uint8 pictures of shape "
                                          "(299, 299, 3); found float32 [299, 299, 3]")
     import concurrent.futures

@@ -110,12 +110,14 @@ def _run(options: PipelineOptions, argv: Optional[Sequence[str]], opts: GbifEmbe
         "snapshot": snapshot, "launched_at": manifest["launched_at"],
         "model_fingerprint": model_fingerprint, "full": bool(opts.full),
         "export": identity}, indent=2, default=str))
+    plan = _plan(opts, model, store, snapshot, previous if mode == "refresh" else None,
+                 resumed)
     pipeline = beam.Pipeline(runner=runner, options=options)
     graph.build(pipeline, opts, snapshot=snapshot, manifest=manifest, model=model,
                 store=store, inference_threads=_inference_threads(options),
                 distributed=runner is None, local_processes=_local_processes(options),
                 previous_folder=join(opts.output, previous) if mode == "refresh" else None,
-                resume_folders=[join(opts.output, name) for name in resumed])
+                resume_folders=[join(opts.output, name) for name in resumed], plan=plan)
     submitted = time.monotonic()
     with stoppable(runner is not None) as signals:
         try:
@@ -139,6 +141,20 @@ def _run(options: PipelineOptions, argv: Optional[Sequence[str]], opts: GbifEmbe
     if not opts.quiet:
         print(format_summary(result, opts.output, report))
     return result
+
+
+def _plan(opts: GbifEmbedOptions, model, store: str, snapshot: str,
+          previous: Optional[str], resumed: Sequence[str]):
+    """What the run must do, decided here with DuckDB over the Parquet files
+    (transforms/compare/planning.py), before the graph is built."""
+    from transforms.compare.planning import plan_run
+    return plan_run(
+        export=opts.export, folder=join(opts.output, snapshot), fingerprint=model.fingerprint,
+        store=store, previous_folder=join(opts.output, previous) if previous else None,
+        resume_folders=[join(opts.output, name) for name in resumed],
+        revalidate=opts.revalidate, use_cache=not opts.full, look_up=not opts.refetch,
+        retry_failed_after=opts.retry_failed_after, max_images=opts.max_images,
+        width=model.spec.width)
 
 
 def _seconds_since_process_start() -> float:

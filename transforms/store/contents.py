@@ -96,11 +96,17 @@ class _ReadEmbeddings(beam.DoFn):
 
 
 class ReadStoredPictures(beam.PTransform):
-    """(part, (sha, tasks)) → (images to embed, failures, tally)."""
+    """(part, (sha, tasks)) → (images to embed, failures, tally); with
+    `grouped`, the input is already (part, [(sha, tasks)]), one per part."""
+
+    def __init__(self, grouped: bool = False):
+        super().__init__()
+        self._grouped = grouped
 
     def expand(self, located):
+        if not self._grouped:
+            located = located | "ByPicturePart" >> beam.GroupByKey()
         read = (located
-                | "ByPicturePart" >> beam.GroupByKey()
                 | "ReadPictures" >> beam.ParDo(_ReadPictures()).with_outputs(
                     FAILURES, TALLY, main="images"))
         return read.images, read[FAILURES], read[TALLY]

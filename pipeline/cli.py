@@ -26,16 +26,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"run": run_command, "plan": plan_command, "evaluate": evaluate_command,
                 "query": query_command, "make-model": make_model_command,
-                "demo": demo_command}
+                "demo": demo_command, "store": store_command}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: gbif-embed {run,plan,evaluate,query,make-model,demo} [options]\n\n"
+        print("usage: gbif-embed {run,plan,evaluate,query,make-model,demo,store} [options]\n\n"
               "  run         embed the images of a GBIF DwC-A download into Parquet\n"
               "  plan        how long a run will take: hosts, politeness bounds, compute\n"
               "  evaluate    Recall@1/5/10 of image retrieval over the current snapshot\n"
               "  query       the nearest stored images to a picture or an occurrence\n"
               "  make-model  write an embedder: a stand-in of fungi_V2 (random weights) or\n"
               "              ImageNet EfficientNet-Lite0 (trained), as TF1 Hub, TF2 or ONNX\n"
-              "  demo        generate a small GBIF export, serve it on loopback, run it\n\n"
+              "  demo        generate a small GBIF export, serve it on loopback, run it\n"
+              "  store       prune (or compact) the image store: what no kept snapshot uses\n\n"
               "`gbif-embed COMMAND --help` lists a command's options.",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
@@ -45,6 +46,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (UsageError, ExportError, ValueError, FileNotFoundError) as err:
         print(f"gbif-embed {argv[0]}: error: {err}", file=sys.stderr)
         return 2
+
+
+def store_command(argv: Sequence[str]) -> int:
+    from pipeline.tools.store import store_command as command
+    return command(argv)
 
 
 # Warnings Beam workers send on every run that say nothing about this run: the

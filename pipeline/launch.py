@@ -132,6 +132,7 @@ def _run(options: PipelineOptions, argv: Optional[Sequence[str]], opts: GbifEmbe
         return _dry_run(pipeline, opts.quiet)
     finished = time.monotonic()
     result = read_manifest(opts.output, snapshot)
+    _maintain_store(opts, store)
     result["metrics"] = beam_metrics(job)
     report = _write_report(opts.output, snapshot)
     result["metrics"]["phases"] = result["timings"]["phases"] = _phases(
@@ -155,6 +156,22 @@ def _plan(opts: GbifEmbedOptions, model, store: str, snapshot: str,
         revalidate=opts.revalidate, use_cache=not opts.full, look_up=not opts.refetch,
         retry_failed_after=opts.retry_failed_after, max_images=opts.max_images,
         width=model.spec.width)
+
+
+def _maintain_store(opts: GbifEmbedOptions, store: str) -> None:
+    """After publishing: the URL index compacted once it has grown, and with
+    --prune_store what no kept snapshot uses removed. A courtesy, like the
+    report: failing must not fail a finished run."""
+    from transforms.store.maintenance import maybe_compact_url_index, prune
+    try:
+        if opts.prune_store:
+            report = prune([opts.output], store)
+            if not opts.quiet:
+                print("\n".join(report.lines()))
+        else:
+            maybe_compact_url_index(store)
+    except Exception as err:
+        logging.getLogger(__name__).warning("image store maintenance not done: %s", err)
 
 
 def _seconds_since_process_start() -> float:

@@ -53,7 +53,8 @@ from transforms.common.records import TASK_FIELDS
 from transforms.compare.refresh import IMAGE_COLUMNS, snapshot_files
 from transforms.compare.staging import stage_export
 from transforms.read.rows import LINE_CAP
-from transforms.store.layout import IMAGES, OK, URLS, ImageStore
+from transforms.store.copies import COPY_KEY, COPY_PARAMETERS
+from transforms.store.layout import COPY_METADATA, IMAGES, OK, URLS, ImageStore
 from transforms.write.compact import part_files
 from transforms.write.parts import FAILURE_SCHEMA, embedding_schema, parts_folder, \
     write_table_atomically
@@ -188,6 +189,7 @@ def plan_run(*, export: str, folder: str, fingerprint: str, store: str,
         _write_reused(planner, previous, resume_folders, schema)
         plan.revalidate = _write_revalidate(planner, previous)
         image_store = ImageStore(store)
+        image_store.record_copies(COPY_KEY, COPY_PARAMETERS)
         url_parts = image_store.parts(image_store.folder(URLS)) if look_up else []
         todo = planner.count("SELECT count(*) FROM decided WHERE decision IN "
                              "('new', 'retried', 'reembedded')")
@@ -418,7 +420,7 @@ def _look_up(planner: _Planner, store: ImageStore, url_parts: list[str], use_cac
                         FROM {_source(cache_parts)} WHERE image_sha256 IN (SELECT sha FROM known)""")
     else:
         con.execute("CREATE TEMP TABLE cached (sha VARCHAR)")
-    image_parts = store.parts(store.folder(IMAGES))
+    image_parts = _current_copies(planner, store.parts(store.folder(IMAGES)))
     planner.register(image_parts)
     if image_parts:
         con.execute(f"""CREATE TEMP TABLE stored AS SELECT image_sha256 AS sha,
@@ -451,6 +453,21 @@ def _look_up(planner: _Planner, store: ImageStore, url_parts: list[str], use_cac
         planner.add(names[route], n)
     planner.add("dedup.content_reused", planner.count(
         "SELECT count(DISTINCT sha) FROM looked WHERE route = 'cached'"))
+
+
+def _current_copies(planner: _Planner, parts: list[str]) -> list[str]:
+    """The parts of pictures whose copies were made as this run makes them
+    (their Parquet metadata says how; parts written before it was recorded
+    were made with the parameters of then, which are today's)."""
+    if not parts:
+        return []
+    planner.register(parts)
+    other = {row[0] for row in planner.con.execute(f"""
+        SELECT file_name FROM parquet_kv_metadata({_files(parts)})
+        WHERE decode(key) = {_q(COPY_METADATA)} AND decode(value) <> {_q(COPY_KEY)}
+        """).fetchall()}
+    planner.add("store.parts_of_other_copy_parameters", len(other))
+    return [part for part in parts if part not in other and part.split("://")[-1] not in other]
 
 
 def _write_cached(planner: _Planner, store: ImageStore, schema: pa.Schema,

@@ -239,6 +239,8 @@ def main() -> None:
     parser.add_argument("--pictures", type=int, default=20, help="distinct JPEG files")
     parser.add_argument("--size", default="320x240")
     parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--model_change_max", type=int, default=100_000,
+                        help="larger sizes skip the model change (it embeds every picture)")
     parser.add_argument("--svampeatlas", action="store_true")
     parser.add_argument("--only_svampeatlas", action="store_true")
     parser.add_argument("--beam_arg", action="append", default=[],
@@ -278,6 +280,10 @@ def main() -> None:
                     args.beam_arg, n)
                 if args.only_svampeatlas:
                     break
+                if n > args.model_change_max:
+                    print(f"model change {n:<21} not run (--model_change_max "
+                          f"{args.model_change_max})", flush=True)
+                    continue
                 peaks["model_change"][n], seconds, _ = _measure(
                     f"model change {n}", export, other, output, args.batch_size,
                     args.beam_arg, n)

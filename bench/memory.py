@@ -98,8 +98,8 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def build_previous(template: str, output: str, urls: list[str], *, pictures: bool,
-                   first_gbif_id: int = BASE_ID) -> None:
+def build_previous(template: tuple[str, dict], output: str, urls: list[str], *,
+                   pictures: bool, first_gbif_id: int = BASE_ID) -> None:
     """A previous snapshot and a store for `urls` (rows i ↔ gbifID
     first_gbif_id + i), built with pyarrow from a real run's output
     (`template`): its embeddings, copies and URL entries repeated under the
@@ -109,7 +109,7 @@ def build_previous(template: str, output: str, urls: list[str], *, pictures: boo
     from transforms.write.snapshot import new_snapshot_name
 
     n = len(urls)
-    manifest = _manifest(template)
+    template, manifest = template  # a run's output folder, and its snapshot's manifest
     snapshot = new_snapshot_name()
     folder = os.path.join(output, snapshot)
     os.makedirs(folder)
@@ -177,7 +177,8 @@ def build_previous(template: str, output: str, urls: list[str], *, pictures: boo
                        row_group_size=64, compression="zstd")
 
 
-def _svampeatlas(work: str, template: str, model: str, batch_size: int) -> tuple[float, float]:
+def _svampeatlas(work: str, template: tuple[str, dict], model: str,
+                 batch_size: int) -> tuple[float, float]:
     """An unchanged refresh of 1.3 M occurrences and 546 k image rows."""
     from pipeline.demo.sample_data import DMS_DATASET_KEY, Media, Occurrence, write_dwca
     occurrences, images = 1_300_000, 546_000
@@ -200,7 +201,8 @@ def _svampeatlas(work: str, template: str, model: str, batch_size: int) -> tuple
     return peak, seconds
 
 
-def _build_with_ids(template: str, output: str, urls: list[str], ids: list[int]) -> None:
+def _build_with_ids(template: tuple[str, dict], output: str, urls: list[str],
+                    ids: list[int]) -> None:
     """build_previous for rows whose gbifIDs are not consecutive."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -269,15 +271,16 @@ def main() -> None:
                     peaks["first_run"][n], _, _ = _measure(
                         f"first run {n}", export, model_dir, output, args.batch_size,
                         args.beam_arg, n)
-                    template = template or output
                 else:
                     log(f"building the previous snapshot and store of {n} rows ...")
                     build_previous(template, output, urls, pictures=True)
                     print(f"first run {n:<24} not run: previous snapshot and store built "
                           f"with pyarrow from the {sizes[0]}-row run", flush=True)
-                peaks["refresh"][n], _, _ = _measure(
+                peaks["refresh"][n], _, refreshed = _measure(
                     f"unchanged refresh {n}", export, model_dir, output, args.batch_size,
                     args.beam_arg, n)
+                if template is None:  # the first model's snapshot, before the model change
+                    template = (output, refreshed)
                 if args.only_svampeatlas:
                     break
                 if n > args.model_change_max:

@@ -20,7 +20,7 @@ from tests.compare.test_refresh import _export, _hits, _photo, _rows, _run
 from tests.http_server import FaultServer
 from transforms.compare.planning import plan_run
 from transforms.store.layout import COPY_METADATA, IMAGES, URL_SCHEMA, URLS, ImageStore
-from transforms.store.maintenance import compact_url_index, prune
+from transforms.store.maintenance import compact_url_index
 
 DAY = datetime.timedelta(days=1)
 T0 = datetime.datetime(2026, 1, 5, tzinfo=datetime.timezone.utc)

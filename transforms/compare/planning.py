@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import logging
 import os
 import posixpath
 import shutil
@@ -64,8 +63,6 @@ PLAN = "plan"  # the plan's files, under the snapshot's parts/ (removed at publi
 PERMANENT_FAILURES = ("http_404", "http_410", "not_an_image")
 ROWS_PER_PART = 10_000  # rows written here per part (compaction reads one part at a time)
 MEMORY_LIMIT = "1GB"  # DuckDB spills to disk beyond this
-
-_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -198,8 +195,9 @@ def plan_run(*, export: str, folder: str, fingerprint: str, store: str,
             planner.add("store.revalidated", planner.count(
                 "SELECT count(*) FROM decided WHERE decision = 'revalidated'"))
         if url_parts and todo:
-            _look_up(planner, image_store, url_parts, use_cache, retry_failed_after, now)
-            _write_cached(planner, image_store, schema, now)
+            cache_parts = _look_up(planner, image_store, url_parts, use_cache,
+                                   retry_failed_after, now)
+            _write_cached(planner, cache_parts, schema, now)
             _write_remembered(planner, retry_failed_after)
             plan.stored, plan.stored_parts = _write_stored(planner)
             fetch_sql = "SELECT * FROM looked WHERE route IN ('fetch', 'missing')"
@@ -294,7 +292,7 @@ def _resumed_files(resume_folders: Sequence[str]) -> list[str]:
 
 def _decide(planner: _Planner, previous: Optional[_Previous],
             resume_folders: Sequence[str], revalidate: bool) -> None:
-    """Per task, as `_Compare` decided it: resumed, reembedded, new, retried,
+    """Per task, as the Beam join did before planning: resumed, reembedded, new, retried,
     revalidated or reused; and how many previous rows left the export."""
     con = planner.con
     resumed = _resumed_files(resume_folders)
@@ -383,7 +381,7 @@ def _write_revalidate(planner: _Planner, previous: Optional[_Previous]) -> list[
 
 
 def _look_up(planner: _Planner, store: ImageStore, url_parts: list[str], use_cache: bool,
-             retry_days: float, now: datetime.datetime) -> None:
+             retry_days: float, now: datetime.datetime) -> list[str]:
     """The store's answer for every task that needs work: its URL's latest
     entry (and how many permanent failures in a row it has had), and whether
     that content is in the model's embedding cache or among the pictures."""
@@ -392,7 +390,7 @@ def _look_up(planner: _Planner, store: ImageStore, url_parts: list[str], use_cac
     url_columns = planner.columns(url_parts)
     times = "failed_times" if "failed_times" in url_columns else "NULL"
     permanent = ", ".join(_q(reason) for reason in PERMANENT_FAILURES)
-    con.execute(f"""
+    con.execute("""
         CREATE TEMP TABLE todo AS SELECT * FROM decided
         WHERE decision IN ('new', 'retried', 'reembedded')""")
     con.execute(f"""
@@ -428,7 +426,6 @@ def _look_up(planner: _Planner, store: ImageStore, url_parts: list[str], use_cac
                         WHERE image_sha256 IN (SELECT sha FROM known) GROUP BY 1""")
     else:
         con.execute("CREATE TEMP TABLE stored (sha VARCHAR, part VARCHAR)")
-    planner.cache_parts = cache_parts
     if retry_days > 0:
         remembered = (f"u.outcome IN ({permanent}) AND epoch(u.fetched_at) + "
                       f"{float(retry_days) * 86400.0} * power(2, least(u.streak, 30) - 1) "
@@ -453,6 +450,7 @@ def _look_up(planner: _Planner, store: ImageStore, url_parts: list[str], use_cac
         planner.add(names[route], n)
     planner.add("dedup.content_reused", planner.count(
         "SELECT count(DISTINCT sha) FROM looked WHERE route = 'cached'"))
+    return cache_parts
 
 
 def _current_copies(planner: _Planner, parts: list[str]) -> list[str]:
@@ -470,11 +468,10 @@ def _current_copies(planner: _Planner, parts: list[str]) -> list[str]:
     return [part for part in parts if part not in other and part.split("://")[-1] not in other]
 
 
-def _write_cached(planner: _Planner, store: ImageStore, schema: pa.Schema,
+def _write_cached(planner: _Planner, parts: list[str], schema: pa.Schema,
                   now: datetime.datetime) -> None:
-    """Rows whose content this model embedded before: the cache's embedding,
-    each URL's own validators, no inference."""
-    parts = getattr(planner, "cache_parts", [])
+    """Rows whose content this model embedded before (in the cache's `parts`):
+    the cache's embedding, each URL's own validators, no inference."""
     if not parts or not planner.count("SELECT count(*) FROM looked WHERE route = 'cached'"):
         return
     columns = planner.columns(parts)

@@ -97,7 +97,7 @@ def stored_in_run(store: ImageStore, run: str, host: str, shard: int) -> dict[st
     prefix = f"{run}-{shard_tag(host, shard)}-"
     entries: dict[str, dict] = {}
     for path in store.parts(store.folder(URLS), prefix):
-        table = read_columns(path, URL_SCHEMA.names)
+        table = read_columns(path, [n for n in URL_SCHEMA.names if n != "failed_times"])
         for entry in (table.to_pylist() if table is not None else ()):
             if entry["image_sha256"]:
                 entries[entry["identifier"]] = entry

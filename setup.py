@@ -16,6 +16,9 @@ REQUIRED = [
     "Pillow==12.3.0",
     # ONNX models (PyTorch exports) run on ONNX Runtime's CPU provider.
     "onnxruntime==1.32.0",
+    # The launcher decides what a run must do (reuse, store, fetch) with DuckDB
+    # over Parquet, before the Beam graph (transforms/compare/planning.py).
+    "duckdb==1.4.4",
     # tensorflow-hub 0.16.1 imports pkg_resources when it is imported, and a venv of
     # Python 3.12 or later no longer comes with setuptools. pkg_resources is gone from
     # setuptools 82 (81 says to pin below 81); 80.8.0 is the last release whose

@@ -27,9 +27,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"run": run_command, "plan": plan_command, "evaluate": evaluate_command,
                 "query": query_command, "make-model": make_model_command,
-                "demo": demo_command, "flink": flink_command}
+                "demo": demo_command, "flink": flink_command, "store": store_command}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: gbif-embed {run,plan,evaluate,query,make-model,demo,flink} [options]\n\n"
+        print("usage: gbif-embed {run,plan,evaluate,query,make-model,demo,flink,store} "
+              "[options]\n\n"
               "  run         embed the images of a GBIF DwC-A download into Parquet\n"
               "  plan        how long a run will take: hosts, politeness bounds, compute\n"
               "  evaluate    Recall@1/5/10 of image retrieval over the current snapshot\n"
@@ -37,7 +38,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "  make-model  write an embedder: a stand-in of fungi_V2 (random weights) or\n"
               "              ImageNet EfficientNet-Lite0 (trained), as TF1 Hub, TF2 or ONNX\n"
               "  demo        generate a small GBIF export, serve it on loopback, run it\n"
-              "  flink       start, stop or show a Flink cluster on loopback\n\n"
+              "  flink       start, stop or show a Flink cluster on loopback\n"
+              "  store       prune (or compact) the image store: what no kept snapshot uses\n\n"
               "`gbif-embed COMMAND --help` lists a command's options.",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
@@ -50,6 +52,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except GbifError as err:  # a GBIF download that cannot be had: its own exit code
         print(f"gbif-embed {argv[0]}: error: {err}", file=sys.stderr)
         return err.exit_code
+
+
+def store_command(argv: Sequence[str]) -> int:
+    from pipeline.tools.store import store_command as command
+    return command(argv)
 
 
 # Warnings Beam workers send on every run that say nothing about this run: the

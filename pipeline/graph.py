@@ -23,15 +23,15 @@ from pipeline.model_check import RunModel
 from pipeline.options import GbifEmbedOptions, fetch_config
 from transforms.common.records import NOT_MODIFIED
 from transforms.common.tally import MergeTallies
-from transforms.compare.refresh import CompareWithPrevious, SplitUnchanged
+from transforms.compare.planned import ReadPlannedTasks
+from transforms.compare.planning import Plan
+from transforms.compare.refresh import SplitUnchanged
 from transforms.embed.dedup import SkipKnownContent
 from transforms.embed.inference import ImageEmbedder
 from transforms.embed.stage import ByContent, EmbedImages
 from transforms.fetch.stage import FetchImages
-from transforms.read.export import ReadExport
-from transforms.store.contents import ReadCachedEmbeddings, ReadStoredPictures
 from transforms.store.layout import ImageStore, cache_schema
-from transforms.store.lookup import LookupStore
+from transforms.store.lookup import ReadPlannedStored
 from transforms.write.parts import FAILURE_SCHEMA, THUMBNAIL_SCHEMA, WriteParquet, embedding_schema
 from transforms.write.snapshot import PublishSnapshot, join
 from transforms.write.thumbnails import KeepThumbnails
@@ -40,7 +40,11 @@ from transforms.write.thumbnails import KeepThumbnails
 def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: dict,
           model: RunModel, precision: str, store: str, inference_threads: int,
           distributed: bool = False, local_processes: int = 1,
-          previous_folder: Optional[str] = None, resume_folders: Sequence[str] = ()) -> None:
+          previous_folder: Optional[str] = None, resume_folders: Sequence[str] = (),
+          plan: Optional[Plan] = None) -> None:
+    """`plan`: what planning left to do (transforms/compare/planning.py);
+    `previous_folder` and `resume_folders` were planning's inputs; `precision`:
+    the job's, decided at launch (pipeline/precision_choice.py)."""
     folder = join(opts.output, snapshot)
     every = (opts.checkpoint_rows, opts.checkpoint_seconds)
     schemas = {"embeddings": embedding_schema(model.spec.width), "failures": FAILURE_SCHEMA,
@@ -58,16 +62,11 @@ def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: 
                                    ("accelerator", opts.accelerator)) if v}
         return stage.with_resource_hints(**hints) if hints and distributed else stage
 
-    tasks, read_failures, read_tally = p | "ReadExport" >> ReadExport(opts.export,
-                                                                      opts.max_images)
-    to_do, reused, compare_tally = tasks | "CompareWithPrevious" >> CompareWithPrevious(
-        previous_folder, model.fingerprint, opts.revalidate, resume_folders)
-    lookup = LookupStore(store, cache_folder, use_cache=not opts.full, spread=distributed)
-    looked_up = not opts.refetch and lookup.has_parts()  # a first run's store is empty
-    if looked_up:
-        to_fetch, stored, cached, lookup_tally = to_do | "LookupStore" >> lookup
-    else:
-        to_fetch, lookup_tally = to_do, p | "NothingStored" >> beam.Create([])
+    # What to do was decided before the graph (transforms/compare/planning.py):
+    # only rows that need a request or an inference enter it.
+    to_fetch = p | "PlannedTasks" >> ReadPlannedTasks(plan.fetch + plan.revalidate,
+                                                      spread=distributed)
+    plan_tally = p | "PlanTally" >> beam.Create([plan.tally])
     fetched = to_fetch | "Fetch" >> FetchImages(fetch_config(opts, local_processes), store,
                                                 snapshot, every)
     changed, unchanged, split_tally = ((fetched.images, fetched[NOT_MODIFIED])
@@ -79,19 +78,18 @@ def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: 
         new, known, known_tally = changed | "SkipKnownContent" >> SkipKnownContent(
             model.fingerprint, snapshot)
     fresh = new | "EmbedFetched" >> embed_stage()
-    write = {"embeddings": [fresh[0], known, reused, unchanged],
-             "failures": [read_failures, fetched.failures, fresh[2]],
+    write = {"embeddings": [fresh[0], known, unchanged],
+             "failures": [fetched.failures, fresh[2]],
              "thumbnails": [fresh[3]], "cache": [fresh[1]], "tally": [fresh[4]]}
-    if looked_up:  # pictures and embeddings the store already has
-        pictures, lost_pictures, pictures_tally = stored | "ReadStore" >> ReadStoredPictures()
+    if plan.stored_parts:  # pictures the store already has
+        pictures, lost_pictures, pictures_tally = p | "ReadStore" >> ReadPlannedStored(
+            plan.stored, plan.stored_parts, spread=distributed)
         from_store = pictures | "EmbedStored" >> embed_stage()
-        from_cache, lost_cached, cache_tally = cached | "ReadCache" >> ReadCachedEmbeddings(
-            model.fingerprint)
-        write["embeddings"] += [from_store[0], from_cache]
-        write["failures"] += [from_store[2], lost_pictures, lost_cached]
+        write["embeddings"] += [from_store[0]]
+        write["failures"] += [from_store[2], lost_pictures]
         write["thumbnails"] += [from_store[3]]
         write["cache"] += [from_store[1]]
-        write["tally"] += [from_store[4], pictures_tally, cache_tally]
+        write["tally"] += [from_store[4], pictures_tally]
 
     # Thumbnails for report.html: at most THUMBS_PER_JOB for the whole job,
     # whatever the number of worker processes that decoded.
@@ -106,7 +104,7 @@ def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: 
     failure_counts = [rows | f"CountFailures{i}" >> beam.Map(
                           lambda f: {f"failed.{f['stage']}.{f['reason']}": 1})
                       for i, rows in enumerate(write["failures"])]
-    tally = ((read_tally, compare_tally, lookup_tally, fetched.tally, split_tally, known_tally,
+    tally = ((plan_tally, fetched.tally, split_tally, known_tally,
               *write["tally"], *failure_counts)
              | "AllTallies" >> beam.Flatten()
              | "MergeTallies" >> beam.CombineGlobally(MergeTallies()))

@@ -136,13 +136,15 @@ def _run(options: PipelineOptions, argv: Optional[Sequence[str]], opts: GbifEmbe
         "snapshot": snapshot, "launched_at": manifest["launched_at"],
         "model_fingerprint": model_fingerprint, "full": bool(opts.full),
         "export": identity}, indent=2, default=str))
+    plan = _plan(opts, model, store, snapshot, previous if mode == "refresh" else None,
+                 resumed)
     pipeline = beam.Pipeline(runner=runner, options=options)
     graph.build(pipeline, opts, snapshot=snapshot, manifest=manifest, model=model,
                 precision=precision["precision"], store=store,
                 inference_threads=_inference_threads(options),
                 distributed=runner is None, local_processes=_local_processes(options),
                 previous_folder=join(opts.output, previous) if mode == "refresh" else None,
-                resume_folders=[join(opts.output, name) for name in resumed])
+                resume_folders=[join(opts.output, name) for name in resumed], plan=plan)
     submitted = time.monotonic()
     job = None
     with stoppable(True) as signals:
@@ -165,6 +167,7 @@ def _run(options: PipelineOptions, argv: Optional[Sequence[str]], opts: GbifEmbe
     if incomplete is not None:  # publishing found rows missing: LATEST was not moved
         raise RunStopped(incomplete["message"], INCOMPLETE_EXIT)
     result = read_manifest(opts.output, snapshot)
+    _maintain_store(opts, store)
     result["metrics"] = beam_metrics(job)
     report = _write_report(opts.output, snapshot)
     result["metrics"]["phases"] = result["timings"]["phases"] = _phases(
@@ -193,6 +196,36 @@ def _precision(options: PipelineOptions, opts: GbifEmbedOptions, model, runner, 
     if not opts.quiet:
         print(f"precision: {choice['precision']} ({choice['decided_by']})", flush=True)
     return choice
+
+
+def _plan(opts: GbifEmbedOptions, model, store: str, snapshot: str,
+          previous: Optional[str], resumed: Sequence[str]):
+    """What the run must do, decided here with DuckDB over the Parquet files
+    (transforms/compare/planning.py), before the graph is built."""
+    from transforms.compare.planning import plan_run
+    return plan_run(
+        export=opts.export, folder=join(opts.output, snapshot), fingerprint=model.fingerprint,
+        store=store, previous_folder=join(opts.output, previous) if previous else None,
+        resume_folders=[join(opts.output, name) for name in resumed],
+        revalidate=opts.revalidate, use_cache=not opts.full, look_up=not opts.refetch,
+        retry_failed_after=opts.retry_failed_after, max_images=opts.max_images,
+        width=model.spec.width)
+
+
+def _maintain_store(opts: GbifEmbedOptions, store: str) -> None:
+    """After publishing: the URL index compacted once it has grown, and with
+    --prune_store what no kept snapshot uses removed. A courtesy, like the
+    report: failing must not fail a finished run."""
+    from transforms.store.maintenance import maybe_compact_url_index, prune
+    try:
+        if opts.prune_store:
+            report = prune([opts.output], store)
+            if not opts.quiet:
+                print("\n".join(report.lines()))
+        else:
+            maybe_compact_url_index(store)
+    except Exception as err:
+        logging.getLogger(__name__).warning("image store maintenance not done: %s", err)
 
 
 def _seconds_since_process_start() -> float:

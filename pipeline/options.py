@@ -112,6 +112,12 @@ class GbifEmbedOptions(PipelineOptions):
             "(the store keeps the new copies)")
         add("--keep_snapshots", type=int, default=0,
             help="Keep this many snapshots, pruning older ones (0: keep all)")
+        add("--retry_failed_after", type=float, default=28.0,
+            help="Days before a URL that answered 404, 410 or not a picture is asked "
+            "again (doubling after each further such answer; 0: ask every run)")
+        add("--prune_store", action="store_true", default=False,
+            help="After publishing, remove store copies and embedding caches that no "
+            "kept snapshot uses, and stray temporary files (as `gbif-embed store prune`)")
         # Keeping finished work.
         add("--checkpoint_rows", type=int, default=500,
             help="A writer makes its rows durable (closes a part file) at least every "

@@ -95,7 +95,7 @@ def test_dataflow_dry_run_translates_the_real_pipeline(sample, tiny_model, gcs_b
         "--inference_min_ram", "8GB", "--quiet"]))
     assert result["dry_run"] is True
     steps = " ".join(result["transforms"])
-    for stage in ("ReadExport", "CompareWithPrevious", "Fetch", "Decode", "Embed",
+    for stage in ("PlannedTasks", "PlanTally", "Fetch", "Decode", "Embed",
                   "WriteEmbeddings", "WriteFailures", "Publish"):
         assert stage in steps
     assert any("min_ram" in hint for hint in result["resource_hints"])
@@ -108,7 +108,7 @@ def test_dataflow_dry_run_translates_the_real_pipeline(sample, tiny_model, gcs_b
     assert any(name.startswith("EmbedFetched/Embed/RunInference") for name in hinted), hinted
     # (The store is empty here, so the branch that embeds stored pictures is not
     # built; when it is, it is the same composite with the same hints.)
-    assert not any(name.startswith(("Fetch", "ReadExport", "ByContent")) for name in hinted)
+    assert not any(name.startswith(("Fetch", "PlannedTasks", "ByContent")) for name in hinted)
     assert not fs.exists(f"{gcs_bucket}/dry/out/LATEST")
 
 

@@ -1,7 +1,7 @@
-"""Reading contents back from the store: pictures to embed, embeddings to reuse.
+"""Reading pictures back from the store, to embed them.
 
-The lookup (`transforms/store/lookup.py`) says, per content, which part holds
-its picture or its cached embedding; grouping by part here lets each part be
+Planning (`transforms/compare/planning.py`) says, per content, which part
+holds its picture (cached embeddings are copied by planning itself); grouping by part here lets each part be
 opened once and only its wanted row groups read, and spreads the parts over
 every worker (on the local runner, over every process), whatever hosts the
 pictures came from. A content whose part cannot be found any more (merged
@@ -13,10 +13,9 @@ from __future__ import annotations
 from typing import Iterable
 
 import apache_beam as beam
-import numpy as np
 from apache_beam.pvalue import TaggedOutput
 
-from transforms.common.images import embedding_rows, image_element
+from transforms.common.images import image_element
 from transforms.common.records import FAILURES, failure
 from transforms.common.tally import TALLY, Tally, tally_outputs
 from transforms.store.reading import rows_for_anywhere
@@ -66,56 +65,18 @@ class _ReadPictures(beam.DoFn):
         yield from tally_outputs(self._tally)
 
 
-class _ReadEmbeddings(beam.DoFn):
-    """(cache part, [(sha, tasks)]) → embedding rows of every task, no inference."""
-
-    def __init__(self, fingerprint: str):
-        self._fingerprint = fingerprint
-
-    def start_bundle(self):
-        self._tally = Tally()
-
-    def process(self, keyed):
-        part, grouped = keyed
-        wanted = _wanted(grouped)
-        for row in rows_for_anywhere(part, set(wanted)):
-            tasks = wanted.pop(row["image_sha256"], None)
-            if tasks is None:
-                continue
-            self._tally.add("dedup.content_reused")
-            image = image_element(tasks, content=None, sha=row["image_sha256"],
-                                  width=row["width"], height=row["height"],
-                                  validators_per_task=True)
-            image["precision"] = row.get("precision")
-            yield from embedding_rows(image, np.asarray(row["embedding"], np.float32),
-                                      self._fingerprint)
-        yield from _lost(wanted, part)
-
-    def finish_bundle(self):
-        yield from tally_outputs(self._tally)
-
-
 class ReadStoredPictures(beam.PTransform):
-    """(part, (sha, tasks)) → (images to embed, failures, tally)."""
+    """(part, (sha, tasks)) → (images to embed, failures, tally); with
+    `grouped`, the input is already (part, [(sha, tasks)]), one per part."""
+
+    def __init__(self, grouped: bool = False):
+        super().__init__()
+        self._grouped = grouped
 
     def expand(self, located):
+        if not self._grouped:
+            located = located | "ByPicturePart" >> beam.GroupByKey()
         read = (located
-                | "ByPicturePart" >> beam.GroupByKey()
                 | "ReadPictures" >> beam.ParDo(_ReadPictures()).with_outputs(
                     FAILURES, TALLY, main="images"))
         return read.images, read[FAILURES], read[TALLY]
-
-
-class ReadCachedEmbeddings(beam.PTransform):
-    """(cache part, (sha, tasks)) → (embedding rows, failures, tally)."""
-
-    def __init__(self, fingerprint: str):
-        super().__init__()
-        self._fingerprint = fingerprint
-
-    def expand(self, located):
-        read = (located
-                | "ByCachePart" >> beam.GroupByKey()
-                | "ReadEmbeddings" >> beam.ParDo(_ReadEmbeddings(self._fingerprint))
-                .with_outputs(FAILURES, TALLY, main="rows"))
-        return read.rows, read[FAILURES], read[TALLY]

@@ -31,6 +31,11 @@ QUALITY = 95        # JPEG quality of the copy
 SUBSAMPLING = 0     # 4:4:4 chroma
 KEEP_BYTES = 160_000  # a picture this small, within the bound, is kept as fetched
 FORMAT = "jpeg"
+# How copies are made: recorded in the store (store.json, and each part of
+# pictures' Parquet metadata), so that copies made otherwise are not reused.
+COPY_PARAMETERS = {"format": FORMAT, "quality": QUALITY, "subsampling": SUBSAMPLING,
+                   "shorter_side": STORE_PX, "kept_as_fetched_below_bytes": KEEP_BYTES}
+COPY_KEY = (f"{FORMAT}-q{QUALITY}-s{SUBSAMPLING}-px{STORE_PX}-keep{KEEP_BYTES}")
 # Bytes of one re-encoded copy of a camera photo (1600x1200 and larger), the
 # mean over the real photos of ../shared (bench/store_fidelity.py); what
 # `gbif-embed plan` multiplies by to size a store.

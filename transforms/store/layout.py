@@ -29,7 +29,10 @@ from typing import Optional
 import fsspec
 import pyarrow as pa
 
+from transforms.store.copies import COPY_KEY
+
 IMAGES = "images"
+COPY_METADATA = "gbif_embed.copy"
 URLS = "urls"
 EMBEDDINGS = "embeddings"
 STORE_JSON = "store.json"
@@ -44,7 +47,7 @@ IMAGE_SCHEMA = pa.schema([
     ("source_height", pa.int32()),
     ("source_bytes", pa.int64()),
     ("data", pa.binary()),
-])
+], metadata={COPY_METADATA: COPY_KEY})  # how the copies were made (copies.py)
 
 URL_SCHEMA = pa.schema([
     ("identifier", pa.string()),    # the export's URL: what rows carry
@@ -55,6 +58,9 @@ URL_SCHEMA = pa.schema([
     ("http_status", pa.int32()),
     ("outcome", pa.string()),       # "ok", or the failure reason (http_404, not_an_image, ...)
     ("fetched_at", pa.timestamp("us", tz="UTC")),
+    # Set by compaction (transforms/store/maintenance.py): how many times in a row
+    # the URL failed for good (404, 410, not a picture); null in a fetch's entry.
+    ("failed_times", pa.int32()),
 ])
 
 
@@ -116,5 +122,16 @@ class ImageStore:
         """store.json, written once by the first run that uses the store."""
         from transforms.write.snapshot import write_atomically
         if self.describe() is None:
+            write_atomically(posixpath.join(self.root, STORE_JSON),
+                             json.dumps(description, indent=2))
+
+    def record_copies(self, key: str, parameters: dict) -> None:
+        """Adds how this run makes copies to store.json's `copies` (one entry
+        per set of parameters the store's copies were made with)."""
+        from transforms.write.snapshot import write_atomically
+        description = self.describe() or {}
+        known = description.setdefault("copies", {})
+        if known.get(key) != parameters:
+            known[key] = parameters
             write_atomically(posixpath.join(self.root, STORE_JSON),
                              json.dumps(description, indent=2))

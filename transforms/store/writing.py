@@ -108,7 +108,7 @@ def stored_entries_in_run(store: ImageStore, run: str, host: str, shard: int,
             if sha and identifier in identifiers]
         if not hits:
             continue
-        table = read_columns(path, URL_SCHEMA.names)
+        table = read_columns(path, [n for n in URL_SCHEMA.names if n != "failed_times"])
         if table is not None:
             for entry in table.take(hits).to_pylist():
                 entries[entry["identifier"]] = entry

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 import numpy as np
@@ -57,12 +58,30 @@ def _pca(vectors: np.ndarray, dims: int) -> np.ndarray:
     return pca.transform(vectors).astype(np.float32)
 
 
-def _umap(points: np.ndarray, seed: int) -> np.ndarray:
+def _import_umap():
+    """umap-learn imports TensorFlow and Keras when it is imported (for
+    ParametricUMAP, not used here): many seconds and hundreds of MB. They are
+    hidden while it imports (it then goes without them), unless already loaded."""
     os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(
         os.path.expanduser("~"), ".cache", "gbif-embed-numba"))
+    import sklearn.base  # noqa: F401 (imported first: it looks at sys.modules itself)
+    hidden = [name for name in ("tensorflow", "keras") if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # an import of it raises ImportError
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import umap
+    finally:
+        for name in hidden:
+            sys.modules.pop(name, None)
+    return umap
+
+
+def _umap(points: np.ndarray, seed: int) -> np.ndarray:
+    umap = _import_umap()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # n_jobs overridden by random_state, and the like
-        import umap
         model = umap.UMAP(n_neighbors=min(NEIGHBOURS, len(points) - 1), n_components=2,
                           metric="cosine", random_state=seed, init="pca" if len(points) > 64
                           else "random", low_memory=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import http.client
 import io
 import json
 import os
@@ -85,7 +86,7 @@ def serving(output: str) -> Iterator[str]:
         listener.close()
 
 
-def http(url: str, data: Optional[bytes] = None) -> tuple[int, bytes, dict]:
+def fetch(url: str, data: Optional[bytes] = None) -> tuple[int, bytes, dict]:
     request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
@@ -95,7 +96,7 @@ def http(url: str, data: Optional[bytes] = None) -> tuple[int, bytes, dict]:
 
 
 def get_json(url: str, data: Optional[bytes] = None) -> tuple[int, dict]:
-    status, body, _ = http(url, data)
+    status, body, _ = fetch(url, data)
     return status, json.loads(body)
 
 
@@ -247,8 +248,14 @@ def test_bad_uploads_get_a_clear_message_and_change_nothing(demo_server):
     base = demo_server
     status, body = get_json(f"{base}/api/photo", b"this is not a picture")
     assert status == 400 and "not a picture" in body["error"]
-    status, body = get_json(f"{base}/api/photo", b"\xff" * (21 * 1024 * 1024))
-    assert status == 400 and "too large" in body["error"]
+    # Too large: refused from its declared length, before the body is read.
+    connection = http.client.HTTPConnection(base.split("//")[1], timeout=60)
+    connection.putrequest("POST", "/api/photo")
+    connection.putheader("Content-Length", str(21 * 1024 * 1024))
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 400 and "too large" in json.loads(response.read())["error"]
+    connection.close()
     bomb = io.BytesIO()
     Image.new("1", (12_000, 10_000)).save(bomb, "PNG")  # 120 Mpx in ~20 kB
     status, body = get_json(f"{base}/api/photo", bomb.getvalue())
@@ -261,13 +268,13 @@ def test_thumbnails_only_by_content_hash(demo_server):
     base = demo_server
     _, found = get_json(f"{base}/api/search?q=a&k=1")
     sha = found["results"][0]["image_sha256"]
-    status, body, headers = http(f"{base}/thumb/{sha}")
+    status, body, headers = fetch(f"{base}/thumb/{sha}")
     assert status == 200 and headers["content-type"] == "image/jpeg"
     assert Image.open(io.BytesIO(body)).size[0] <= 240
     for bad in ("..%2F..%2Fetc%2Fpasswd", "0" * 64, sha.upper(), sha[:-1], "%2Fetc%2Fpasswd"):
-        assert http(f"{base}/thumb/{bad}")[0] == 404
+        assert fetch(f"{base}/thumb/{bad}")[0] == 404
     for bad in ("../manifest.json", "index.html", "..%2Fserver.py"):
-        assert http(f"{base}/static/{bad}")[0] == 404
+        assert fetch(f"{base}/static/{bad}")[0] == 404
 
 
 def test_suspects_csv_from_the_command_and_the_page(demo_run, demo_server, capsys):
@@ -280,7 +287,7 @@ def test_suspects_csv_from_the_command_and_the_page(demo_run, demo_server, capsy
     assert listed and list(listed[0])[:4] == ["rank", "score", "scientificName", "suggested_name"]
     assert all(r["scientificName"] != r["suggested_name"] for r in listed)
     assert all(r["link"].startswith("https://www.gbif.org/occurrence/") for r in listed)
-    status, body, headers = http(f"{demo_server}/suspects.csv")
+    status, body, headers = fetch(f"{demo_server}/suspects.csv")
     assert status == 200 and "attachment" in headers["content-disposition"]
     assert len(list(csv.DictReader(io.StringIO(body.decode())))) == len(listed)
 
@@ -331,7 +338,7 @@ def _driver(tmp_path):
     options = webdriver.ChromeOptions()
     options.binary_location = browser
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--window-size=1400,1100", "--no-first-run", "--disable-background-networking",
+                 "--window-size=1400,1500", "--no-first-run", "--disable-background-networking",
                  f"--user-data-dir={tmp_path / 'profile'}"):
         options.add_argument(flag)
     return webdriver.Chrome(service=Service(driver_path), options=options)
@@ -344,7 +351,13 @@ def _wait(driver, condition, timeout: float = 120):
 
 def _results_for(driver, description: str):
     from selenium.webdriver.common.by import By
-    _wait(driver, lambda d: description in d.find_element(By.ID, "desc").text)
+    from selenium.common.exceptions import TimeoutException
+    try:
+        _wait(driver, lambda d: description in d.find_element(By.ID, "desc").text)
+    except TimeoutException:
+        raise AssertionError(f"no results for {description!r}: the page says "
+                             f"{driver.find_element(By.ID, 'desc').text!r}, error "
+                             f"{driver.find_element(By.ID, 'error').text!r}") from None
     return driver.find_elements(By.CSS_SELECTOR, "#results figure.hit")
 
 
@@ -422,11 +435,18 @@ def test_the_page_in_headless_chromium(demo_run, demo_server, tmp_path):
 
         # A point of the map: its picture and neighbours.
         canvas = driver.find_element(By.ID, "map")
-        x, y = driver.execute_script(
-            "const r = document.getElementById('map').getBoundingClientRect();"
-            "return [state.xy[0] * r.width - r.width / 2, state.xy[1] * r.height - r.height / 2];")
-        ActionChains(driver).move_to_element_with_offset(canvas, int(x), int(y)).click().perform()
+        row, x, y = driver.execute_script("""
+            const r = document.getElementById('map').getBoundingClientRect();
+            let best = 0, bestD = 9;
+            for (let i = 0; i < state.xy.length / 2; i++) {  // the point nearest the centre
+              const d = (state.xy[2 * i] - 0.5) ** 2 + (state.xy[2 * i + 1] - 0.5) ** 2;
+              if (d < bestD) { bestD = d; best = i; }
+            }
+            return [best, (state.xy[2 * best] - 0.5) * r.width, (state.xy[2 * best + 1] - 0.5) * r.height];""")
+        ActionChains(driver).move_to_element_with_offset(canvas, round(x), round(y)).click().perform()
         _results_for(driver, "map point")
+        assert driver.find_element(By.CSS_SELECTOR, "#query figure.query").get_attribute(
+            "data-row") is not None
         assert driver.find_element(By.CSS_SELECTOR, "#query figure.query")
         Select(driver.find_element(By.ID, "colour")).select_by_value("genus")
         _wait(driver, lambda d: genus in d.find_element(By.ID, "legend").text)

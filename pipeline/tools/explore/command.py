@@ -51,6 +51,7 @@ def explore_command(argv: Sequence[str]) -> int:
     listener = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((args.host, args.port))
+    listener.listen(128)  # connections wait in the backlog until uvicorn accepts them
     host, port = listener.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"explore: {explorer.size:,} pictures of {explorer.snapshot.name} at "

@@ -169,7 +169,10 @@ def test_layout_separates_clusters_with_umap_and_placement():
     assert gaps > 2 * spread
 
 
-def test_suspects_rank_swapped_names_first(tmp_path):
+@pytest.mark.parametrize("index", ["exact", "inverted"])
+def test_suspects_rank_swapped_names_first(tmp_path, monkeypatch, index):
+    if index == "inverted":  # the faiss IVF path that large snapshots take
+        monkeypatch.setattr("pipeline.tools.explore.suspects.EXACT_LIMIT", 10)
     rows = clustered_rows(species=5, per=8, seed=5)
     swapped = [3, 17, 30]
     for i in swapped:  # a picture of species s named as the next species

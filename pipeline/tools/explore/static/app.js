@@ -135,14 +135,22 @@ function draw() {
   data.fill(255);
   const colours = PALETTE.map(hexRGB);
   const n = state.xy.length / 2;
+  // Few points: bigger dots, so a small snapshot's map is readable; many: one pixel each.
+  const dot = n < 2000 ? 5 : n < 50000 ? 3 : 1, half = dot >> 1;
   for (let i = 0; i < n; i++) {
     const [sx, sy] = toScreen(i, size);
-    const px = sx | 0, py = sy | 0;
-    if (px < 0 || py < 0 || px >= size || py >= size) continue;
     const code = state.codes ? Math.min(state.codes[i], PALETTE.length - 1) : 0;
     const [r, g, b] = colours[code];
-    const at = (py * size + px) * 4;
-    data[at] = r; data[at + 1] = g; data[at + 2] = b; data[at + 3] = 255;
+    for (let dy = -half; dy <= half; dy++) {
+      const py = (sy | 0) + dy;
+      if (py < 0 || py >= size) continue;
+      for (let dx = -half; dx <= half; dx++) {
+        const px = (sx | 0) + dx;
+        if (px < 0 || px >= size) continue;
+        const at = (py * size + px) * 4;
+        data[at] = r; data[at + 1] = g; data[at + 2] = b; data[at + 3] = 255;
+      }
+    }
   }
   ctx.putImageData(image, 0, 0);
   ctx.lineWidth = 2;

@@ -9,11 +9,15 @@ once published, so neither does its cache):
                       ranks), and the map's x, y
     explore.json      what was built, when, how long it took, what is missing
 
-The vectors are not copied: the server reads them from the snapshot's own
-Parquet files into an exact faiss index (IndexFlatIP over unit vectors, so
-scores are cosines). Exact search of 565,000 × 256 floats is tens of
-milliseconds on 2 cores, so no approximate index (and no recall loss) is
-needed at Svampeatlas' size. Filters are SQL over the records in DuckDB;
+    index.faiss       every unit vector in a faiss index that scores all of them
+                      (IndexScalarQuantizer, float16: exhaustive inner product, so
+                      cosine, at half of float32's memory and memory traffic; no
+                      clustering or graph, so nothing is skipped)
+
+Exhaustive search of 565,000 × 256 half floats is tens of milliseconds on one
+core, so no approximate index is needed at Svampeatlas' size; float16
+rounding (about 1e-3) can swap near-ties only (bench/explore.py measures
+recall@10 against float32 brute force). Filters are SQL over the records in DuckDB;
 the rows they keep become a faiss IDSelectorBitmap, so the search itself
 skips the others and always returns k results when k exist (filtering
 after the search would under-return).
@@ -46,8 +50,13 @@ _LOG = logging.getLogger(__name__)
 FOLDER = "explore"
 RECORDS = "records.parquet"
 INFO = "explore.json"
-VERSION = 1
+INDEX = "index.faiss"
+VERSION = 2
 READ_ROWS = 65_536
+# Columns whose values repeat: kept as dictionaries in memory.
+REPEATED = ("datasetKey", "scientificName", "license", "rightsHolder", "creator",
+            "licence_class", "country", "kingdom", "phylum", "class", "order", "family",
+            "genus")
 
 
 def cache_folder(snapshot: Snapshot) -> str:
@@ -98,15 +107,45 @@ def build(snapshot: Snapshot, say: Callable[[str], None] = lambda _: None) -> di
     layout_s = time.monotonic() - layout_started
     records = records.append_column("x", pa.array(xy[:, 0], pa.float32()))
     records = records.append_column("y", pa.array(xy[:, 1], pa.float32()))
+    say("writing the index")
+    _write_bytes(join(cache_folder(snapshot), INDEX), _serialized(vectors))
+    dim = int(vectors.shape[1]) if vectors.ndim == 2 else 0
+    del vectors
     write_table_atomically(join(cache_folder(snapshot), RECORDS), records)
     info = {"version": VERSION, "snapshot": snapshot.name, "rows": records.num_rows,
-            "dim": int(vectors.shape[1]) if vectors.ndim == 2 else 0,
+            "dim": dim,
             "ranks": available_ranks(records), "export_fields_missing": missing,
             "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "build_seconds": round(time.monotonic() - started, 2),
             "layout_seconds": round(layout_s, 2)}
     write_atomically(join(cache_folder(snapshot), INFO), json.dumps(info, indent=2))
     return info
+
+
+def _serialized(vectors: np.ndarray) -> bytes:
+    import faiss
+    dim = vectors.shape[1] if vectors.ndim == 2 and vectors.shape[1] else 1
+    index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16,
+                                       faiss.METRIC_INNER_PRODUCT)
+    if len(vectors):
+        index.add(np.ascontiguousarray(vectors, np.float32))
+    return faiss.serialize_index(index).tobytes()
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    """Whole or not at all, locally and in buckets (the parts' rule)."""
+    import os
+    import uuid
+    fs, _, (local,) = fsspec.get_fs_token_paths(path)
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        tmp = f"{local}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, local)
+        return
+    with fs.open(local, "wb") as handle:
+        handle.write(data)
 
 
 def ensure_built(snapshot: Snapshot, say: Callable[[str], None] = lambda _: None) -> dict:
@@ -138,7 +177,7 @@ class Explorer:
     snapshot: Snapshot
     info: dict
     records: pa.Table
-    index: object               # faiss.IndexFlatIP over unit vectors
+    index: object               # faiss index over unit vectors (exhaustive, float16)
     con: object                 # duckdb connection with `records` registered
     _occurrence: np.ndarray = field(repr=False, default=None)
     _lock: threading.Lock = field(repr=False, default_factory=threading.Lock)
@@ -147,18 +186,21 @@ class Explorer:
     def load(cls, snapshot: Snapshot, info: dict) -> "Explorer":
         import duckdb
         import faiss
-        with fsspec.open(join(cache_folder(snapshot), RECORDS), "rb") as handle:
-            records = pq.read_table(handle)
-        vectors = read_vectors(snapshot)
-        if len(vectors) != records.num_rows:
-            raise QueryError(f"{join(cache_folder(snapshot), RECORDS)} has {records.num_rows} "
-                             f"rows but the snapshot {len(vectors)}; delete the explore/ "
-                             "folder to build it again")
-        index = faiss.IndexFlatIP(vectors.shape[1] if vectors.ndim == 2 and len(vectors)
-                                  else max(1, info.get("dim") or 1))
-        if len(vectors):
-            index.add(vectors)
-        del vectors
+        folder = cache_folder(snapshot)
+        with fsspec.open(join(folder, RECORDS), "rb") as handle:
+            records = pq.read_table(handle, read_dictionary=list(REPEATED))
+        # One chunk per column: taking a few rows from many chunks is slow.
+        records = records.unify_dictionaries().combine_chunks()
+        with fsspec.open(join(folder, INDEX), "rb") as handle:
+            index = faiss.deserialize_index(np.frombuffer(handle.read(), np.uint8))
+        if index.ntotal != records.num_rows:
+            raise QueryError(f"{join(folder, INDEX)} holds {index.ntotal} vectors but "
+                             f"{join(folder, RECORDS)} {records.num_rows} rows; delete "
+                             f"{folder} to build it again")
+        # One thread a query: a request scores every vector once, and OpenMP's
+        # threads only wait on each other when the cores are busy (2.5x slower
+        # on a loaded 2-core machine); the server answers requests in parallel.
+        faiss.omp_set_num_threads(1)
         con = duckdb.connect()
         con.register("records", records)
         return cls(snapshot, info, records, index, con,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from typing import Optional
 
 import fsspec
@@ -52,6 +53,17 @@ def neighbour_table(explorer: Explorer, k: int = K) -> tuple[np.ndarray, np.ndar
     per_occurrence = np.unique(occurrence, return_counts=True)[1]
     extra = int(min(MAX_EXTRA, per_occurrence.max() if len(per_occurrence) else 0))
     want = min(n, k + extra)
+    import faiss
+    faiss.omp_set_num_threads(os.cpu_count() or 1)  # batches of queries: every core
+    try:
+        return _neighbours(explorer, occurrence, k, want)
+    finally:
+        faiss.omp_set_num_threads(1)  # the server's single queries: see index.py
+
+
+def _neighbours(explorer: Explorer, occurrence: np.ndarray, k: int,
+                want: int) -> tuple[np.ndarray, np.ndarray]:
+    n = explorer.size
     rows = np.full((n, k), -1, np.int64)
     scores = np.full((n, k), -np.inf, np.float32)
     index = explorer.index if n <= EXACT_LIMIT else _inverted(explorer)

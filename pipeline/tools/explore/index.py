@@ -7,12 +7,11 @@ once published, so neither does its cache):
                       shows (ids, name, licence, credits, picture hash), what
                       filters use (country, year, dataset, licence class,
                       ranks), and the map's x, y
-    explore.json      what was built, when, how long it took, what is missing
-
     index.faiss       every unit vector in a faiss index that scores all of them
                       (IndexScalarQuantizer, float16: exhaustive inner product, so
                       cosine, at half of float32's memory and memory traffic; no
                       clustering or graph, so nothing is skipped)
+    explore.json      what was built, when, how long it took, what is missing
 
 Exhaustive search of 565,000 × 256 half floats is tens of milliseconds on one
 core, so no approximate index is needed at Svampeatlas' size; float16

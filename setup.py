@@ -35,13 +35,28 @@ MODELS = [
     "onnx==1.23.2",
 ]
 
+# `gbif-embed explore` and `suspects`: exhaustive vector search (faiss), filters
+# (DuckDB, a required dependency already), the map's layout (umap-learn, with
+# scikit-learn's PCA), the page's server (FastAPI on uvicorn). Not needed to run
+# the pipeline.
+EXPLORE = [
+    "faiss-cpu==1.15.1",
+    "umap-learn==0.5.12",
+    "scikit-learn==1.9.1",
+    "fastapi==0.165.0",
+    "uvicorn==0.55.0",
+]
+
 # Tests and benchmarks; tf2onnx converts TF models for bench/precision.py's
 # evaluation of int8 and of ONNX Runtime (not used by the pipeline).
 TESTS = [
     "pytest==9.2.0",
     "gcp-storage-emulator==2026.7.19",
     "tf2onnx==1.17.0",
+    # drives Debian's chromium (and its chromedriver) in the explorer's browser tests
+    "selenium==4.51.0",
     *MODELS,
+    *EXPLORE,
 ]
 
 setuptools.setup(
@@ -50,8 +65,9 @@ setuptools.setup(
     description="Image embeddings for GBIF occurrence downloads, with Apache Beam",
     python_requires=">=3.11,<3.14",
     packages=setuptools.find_packages(include=["pipeline", "pipeline.*", "transforms", "transforms.*"]),
+    package_data={"pipeline.tools.explore": ["static/*"]},
     install_requires=REQUIRED,
-    extras_require={"models": MODELS, "test": TESTS},
+    extras_require={"models": MODELS, "explore": EXPLORE, "test": TESTS},
     classifiers=[
         "Programming Language :: Python :: 3.11",
         "Programming Language :: Python :: 3.12",

@@ -1,4 +1,4 @@
-"""The `gbif-embed` command: run, plan, evaluate, query, make-model, demo.
+"""The `gbif-embed` command: run, plan, evaluate, query, make-model, demo, explore, suspects.
 
 `run` checks the export and the model at launch, before anything is
 fetched, so a wrong path or a model that does not fit fails in seconds with
@@ -27,9 +27,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"run": run_command, "plan": plan_command, "evaluate": evaluate_command,
                 "query": query_command, "make-model": make_model_command,
-                "demo": demo_command, "flink": flink_command, "store": store_command}
+                "demo": demo_command, "flink": flink_command, "store": store_command,
+                "explore": explore_command, "suspects": suspects_command}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: gbif-embed {run,plan,evaluate,query,make-model,demo,flink,store} "
+        print("usage: gbif-embed {run,plan,evaluate,query,make-model,demo,flink,store,explore,"
+              "suspects} "
               "[options]\n\n"
               "  run         embed the images of a GBIF DwC-A download into Parquet\n"
               "  plan        how long a run will take: hosts, politeness bounds, compute\n"
@@ -39,7 +41,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "              ImageNet EfficientNet-Lite0 (trained), as TF1 Hub, TF2 or ONNX\n"
               "  demo        generate a small GBIF export, serve it on loopback, run it\n"
               "  flink       start, stop or show a Flink cluster on loopback\n"
-              "  store       prune (or compact) the image store: what no kept snapshot uses\n\n"
+              "  store       prune (or compact) the image store: what no kept snapshot uses\n"
+              "  explore     a local page: search by id, name or photo, filters, a map,\n"
+              "              suspect identifications\n"
+              "  suspects    records whose pictures look like another name, as CSV\n\n"
               "`gbif-embed COMMAND --help` lists a command's options.",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
@@ -125,6 +130,16 @@ def demo_command(argv: Sequence[str]) -> int:
 def flink_command(argv: Sequence[str]) -> int:
     from pipeline.flink.cluster import main as flink
     return flink(argv)
+
+
+def explore_command(argv: Sequence[str]) -> int:
+    from pipeline.tools.explore.command import explore_command as explore
+    return explore(argv)
+
+
+def suspects_command(argv: Sequence[str]) -> int:
+    from pipeline.tools.explore.command import suspects_command as suspects
+    return suspects(argv)
 
 
 def evaluate_command(argv: Sequence[str]) -> int:

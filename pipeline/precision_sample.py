@@ -7,8 +7,10 @@ from the image store when it holds any (a refresh, a model change, a resumed
 run: no request at all). A first run fetches the export's first image URLs
 instead, through the fetch stage's own fetcher (address rule, politeness,
 caps) and writes them into the store as this run's copies of their host
-shards: the fetch stage then takes them from the store like a retried
-bundle's earlier attempt, so no host is asked twice for them.
+shards: the run's planning (transforms/compare/planning.py), which reads the
+store's URL index after this, finds them there like any stored picture, and
+a retried fetch bundle would take them as its earlier attempt's, so no host
+is asked twice for them.
 """
 from __future__ import annotations
 

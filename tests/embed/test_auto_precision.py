@@ -152,9 +152,9 @@ def test_a_job_decides_once_on_its_own_pictures_and_asks_no_host_twice(
     """On any CPU and kernel set: a candidate is offered (whether it passes
     depends on them: with oneDNN off it changes nothing, with oneDNN on it
     really runs bfloat16), the launcher fetches the first 32 pictures into the
-    store for the check, the pipeline takes them from there (the store's
-    lookup finds them), and every row, in every worker process, carries the
-    job's one precision."""
+    store for the check, the pipeline takes them from there (the run's
+    planning finds them in the store), and every row, in every worker process,
+    carries the job's one precision."""
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from pipeline.cli import run

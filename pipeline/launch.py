@@ -149,7 +149,7 @@ def _run(options: PipelineOptions, argv: Optional[Sequence[str]], opts: GbifEmbe
     job = None
     with stoppable(True) as signals:
         try:
-            with _live_progress(options):
+            with _live_progress(options, _planned_progress(plan)):
                 job = pipeline.run()
                 job.wait_until_finish()
         except BaseException:
@@ -312,17 +312,35 @@ def _dry_run(pipeline: beam.Pipeline, quiet: bool) -> dict:
             "hinted_transforms": hinted}
 
 
+def _planned_progress(plan) -> dict:
+    """What the progress line starts from: the export's image rows (read by
+    planning, before the workers start) and those planning already finished
+    (every image row but the ones it left to the graph)."""
+    import fsspec
+    import pyarrow.parquet as pq
+    images = int(plan.tally.get("export.image_rows", 0))
+    left = 0
+    for path in (*plan.fetch, *plan.revalidate, *plan.stored):
+        try:
+            with fsspec.open(path, "rb") as handle:
+                left += pq.ParquetFile(handle).metadata.num_rows
+        except (OSError, ValueError):  # the count is a courtesy: a missing file costs nothing
+            pass
+    return {"images": images, "planned": max(0, images - left)}
+
+
 @contextlib.contextmanager
-def _live_progress(options: PipelineOptions) -> Iterator[None]:
+def _live_progress(options: PipelineOptions, base: Optional[dict] = None) -> Iterator[None]:
     """The live progress line, for local runs only: remote workers cannot reach
-    the launcher's loopback listener, and their runners have their own consoles."""
+    the launcher's loopback listener, and their runners have their own consoles.
+    `base`: the counts the launcher knows before the workers start."""
     opts = options.view_as(GbifEmbedOptions)
     if opts.quiet or options.view_as(StandardOptions).runner not in LOCAL_RUNNERS:
         yield
         return
     from pipeline.progress_display import ProgressDisplay
     from transforms.common.progress import Listener
-    with Listener() as listener, ProgressDisplay(listener.totals):
+    with Listener(base) as listener, ProgressDisplay(listener.totals):
         yield
 
 

@@ -29,7 +29,9 @@ def done_count(totals: dict) -> int:
     catch up at the end."""
     fetched = int(totals.get("fetched", 0)) + int(totals.get("fetch_failed", 0))
     written = int(totals.get("embeddings", 0)) + int(totals.get("failures", 0))
-    return max(fetched, written)
+    # Rows planning finished before the pipeline started (reused, resumed,
+    # cached, remembered failures): never fetched nor written by a worker.
+    return max(fetched, written) + int(totals.get("planned", 0))
 
 
 def format_duration(seconds: float) -> str:

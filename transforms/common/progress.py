@@ -75,7 +75,10 @@ def flush() -> None:
 class Listener:
     """The launcher's end: sums the latest cumulative counts of every process."""
 
-    def __init__(self):
+    def __init__(self, base: Optional[dict] = None):
+        # Counts the launcher knows before the pipeline starts (what planning
+        # read and finished: transforms/compare/planning.py), added to the workers'.
+        self._base = dict(base or {})
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._socket.bind(("127.0.0.1", 0))
         self._socket.settimeout(0.2)
@@ -103,7 +106,7 @@ class Listener:
 
     def totals(self) -> dict[str, int]:
         with self._lock:
-            totals: collections.Counter = collections.Counter()
+            totals: collections.Counter = collections.Counter(self._base)
             for counts in self._latest.values():
                 totals.update(counts)
         return dict(totals)

@@ -19,9 +19,8 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import numpy as np
-import pyarrow.parquet as pq
 import fsspec
+import pyarrow.parquet as pq
 
 from transforms.common.pictures import DecodeError
 from transforms.common.tally import Tally

@@ -348,8 +348,17 @@ def _driver(tmp_path):
 
 
 def _wait(driver, condition, timeout: float = 120):
+    """Wait for `condition`; an element the page re-rendered meanwhile only means "not yet"."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
-    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(condition)
+    return WebDriverWait(driver, timeout, poll_frequency=0.2,
+                         ignored_exceptions=(StaleElementReferenceException,)).until(condition)
+
+
+def _hit_texts(driver) -> list[str]:
+    """The results' texts read in one script, so a re-render cannot come between them."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll('#results figure.hit')].map(h => h.innerText)")
 
 
 def _results_for(driver, description: str):
@@ -361,7 +370,7 @@ def _results_for(driver, description: str):
         raise AssertionError(f"no results for {description!r}: the page says "
                              f"{driver.find_element(By.ID, 'desc').text!r}, error "
                              f"{driver.find_element(By.ID, 'error').text!r}") from None
-    return driver.find_elements(By.CSS_SELECTOR, "#results figure.hit")
+    return _hit_texts(driver)
 
 
 def _shot(driver, tmp_path, name: str) -> Image.Image:
@@ -398,7 +407,7 @@ def test_the_page_in_headless_chromium(demo_run, demo_server, tmp_path):
             "return [...document.querySelectorAll('#results img')].every(i => i.complete && "
             "i.naturalWidth > 0)") for _ in [0]))
         assert driver.find_elements(By.CSS_SELECTOR, "#results img")
-        assert all("DK" in h.text and "gbifID" in h.text for h in hits)
+        assert all("DK" in h and "gbifID" in h for h in hits)
         image = _shot(driver, tmp_path, "search")
         assert np.asarray(image, np.float32).std() > 20  # pictures and a map, not blank
 
@@ -408,7 +417,7 @@ def test_the_page_in_headless_chromium(demo_run, demo_server, tmp_path):
         box.send_keys(genus.lower())
         driver.find_element(By.ID, "search").click()
         hits = _results_for(driver, f"{genus}")
-        assert hits and genus in hits[0].text
+        assert hits and genus in hits[0]
 
         # A filter, applied inside the search: every result passes it.
         Select(driver.find_element(By.ID, "rank")).select_by_value("genus")
@@ -417,8 +426,7 @@ def test_the_page_in_headless_chromium(demo_run, demo_server, tmp_path):
                      if not o.scientificName.startswith(genus))
         taxon.send_keys(other)
         driver.find_element(By.ID, "apply").click()
-        _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#results figure.hit") and all(
-            other in h.text for h in d.find_elements(By.CSS_SELECTOR, "#results figure.hit")))
+        _wait(driver, lambda d: (texts := _hit_texts(d)) and all(other in t for t in texts))
         driver.find_element(By.ID, "clear").click()
         _wait(driver, lambda d: not d.find_element(By.ID, "taxon").get_attribute("value"))
 

@@ -68,7 +68,7 @@ def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: 
                                                       spread=distributed)
     plan_tally = p | "PlanTally" >> beam.Create([plan.tally])
     fetched = to_fetch | "Fetch" >> FetchImages(fetch_config(opts, local_processes), store,
-                                                snapshot, every)
+                                                snapshot, every, keep_decoded=not distributed)
     changed, unchanged, split_tally = ((fetched.images, fetched[NOT_MODIFIED])
                                        | "SplitUnchanged" >> SplitUnchanged())
     if distributed:

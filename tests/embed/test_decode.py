@@ -209,3 +209,53 @@ def test_any_error_on_a_pictures_path_becomes_its_failure_rows(monkeypatch):
         (FAILURES, 1, "internal_error", "MemoryError: cannot allocate"),
         (FAILURES, 2, "internal_error", "MemoryError: cannot allocate")]
     dofn.teardown()
+
+
+@pytest.mark.parametrize("resize", ["squash", "center_crop"])
+def test_the_local_runner_embeds_the_pixels_its_copy_was_made_from(resize, tmp_path):
+    """Fetched on the local runner (`keep_decoded`), a camera photo comes with
+    the pixels its store copy was encoded from: decoding uses them instead of
+    decoding the copy again, their model input matches the copy's but for the
+    copy's JPEG round trip, and nothing of them reaches a row."""
+    from apache_beam.transforms.window import GlobalWindow
+    from apache_beam.utils.timestamp import MIN_TIMESTAMP
+
+    from pipeline.demo.sample_data import jpeg_bytes, synthetic_photo
+    from tests.fetch.test_fetch import config
+    from tests.http_server import FaultServer
+    from transforms.fetch.stage import FetchHostShards
+
+    photo = jpeg_bytes(synthetic_photo(4, species=1, size=(1600, 1200)))
+    images = {}
+    with FaultServer() as server:
+        url = server.add("/camera.jpg", photo)
+        for keep in (True, False):
+            fetch = FetchHostShards(config(max_image_bytes=10_000_000), keep_decoded=keep)
+            fetch.setup()
+            try:
+                fetch.start_bundle()
+                group = (("127.0.0.1", 0), [{"gbifID": 1, "identifier": url}])
+                out = list(fetch.process(group, GlobalWindow(), MIN_TIMESTAMP))
+                out += list(fetch.finish_bundle())
+            finally:
+                fetch.teardown()
+            [images[keep]] = [o.value for o in out if isinstance(getattr(o, "value", None), dict)
+                              and "tasks" in o.value]
+    kept, plain = images[True], images[False]
+    assert "decoded" not in plain and kept["content"] == plain["content"]
+    copy = Image.open(io.BytesIO(kept["content"]))
+    assert kept["decoded"].size == copy.size and kept["decoded"].mode == "RGB"
+
+    decode = DecodeImages(resize, threads=1, lookahead=0)
+    decode.setup()
+    try:
+        [reused], [decoded] = ([o for o in decode.work(image) if not isinstance(o, TaggedOutput)]
+                               for image in (kept, plain))
+        assert decode.tally.flush().get("decode.reused") == 1
+    finally:
+        decode.teardown()
+    assert set(reused) == set(decoded) and "decoded" not in reused and "content" not in reused
+    assert (reused["width"], reused["height"]) == (decoded["width"], decoded["height"]) == (
+        1600, 1200)
+    difference = np.abs(reused["pixels"].astype(int) - decoded["pixels"].astype(int))
+    assert difference.mean() < 1.0 and difference.max() < 24  # one JPEG round trip at q95

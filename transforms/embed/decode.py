@@ -15,6 +15,7 @@ from apache_beam.pvalue import TaggedOutput
 from PIL import Image
 
 from transforms.common.concurrency import ThreadedDoFn
+from transforms.common.images import facts_of
 from transforms.common.pictures import DecodeError, center_square, decode_rgb
 from transforms.common.records import FAILURES, failures_of
 
@@ -97,7 +98,7 @@ class DecodeImages(ThreadedDoFn):
     def work(self, fetched: dict) -> Iterable:
         """Never raises: any error on a picture's path ends as its rows' failure
         rows (a bundle that failed instead would be retried and fail again)."""
-        image = {k: v for k, v in fetched.items() if k != "content"}
+        image = facts_of(fetched)
         try:
             return self._decoded(fetched, image)
         except Exception as err:  # a bug or a picture no one foresaw: the rows still end
@@ -110,8 +111,13 @@ class DecodeImages(ThreadedDoFn):
 
     def _decoded(self, fetched: dict, image: dict) -> list:
         try:
-            rgb, width, height = decode_rgb(fetched["content"], self._resize, self._size,
-                                            max_pixels=self._max_pixels)
+            rgb = fetched.get("decoded")
+            if rgb is not None:  # the fetch stage decoded it to make the copy
+                width, height = rgb.size
+                self.tally.add("decode.reused")
+            else:
+                rgb, width, height = decode_rgb(fetched["content"], self._resize, self._size,
+                                                max_pixels=self._max_pixels)
             pixels = model_input(rgb, self._resize, self._size)
         except DecodeError as err:
             self.tally.add(f"decode.reason.{err.reason}")

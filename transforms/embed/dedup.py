@@ -27,7 +27,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
-from transforms.common.images import embedding_rows
+from transforms.common.images import embedding_rows, facts_of
 from transforms.common.tally import TALLY
 
 KNOWN = "known"
@@ -137,7 +137,7 @@ class _SkipKnown(beam.DoFn):
 
     def _known(self, key: tuple, image: dict) -> Iterable:
         vector, width, height, precision = _EMBEDDED.get(key)
-        known = {k: v for k, v in image.items() if k != "content"}
+        known = facts_of(image)
         known.update(width=width, height=height, precision=precision)
         yield TaggedOutput(TALLY, {"dedup.content_reused": 1})
         for row in rows_of(known, vector, self._fingerprint):

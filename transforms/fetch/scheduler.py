@@ -67,16 +67,22 @@ SPACING_WORTH_WAITING_S = 0.005
 class HostScheduler:
     """Per-host queues drained by a dispatcher thread onto `threads` workers.
 
-    `max_ready` bounds the results done but not yet `take`n: while that many
-    wait (the caller is busy, e.g. inferring), no new fetch starts, so
-    fetched bytes never pile up in memory. `after(job, result)` runs on the
-    fetching thread once a fetch ends (the image store's copy is made there,
-    beside the network waits); what it returns comes with the result.
+    `max_ready` bounds the results done but not yet `take`n, with those still
+    in `after`: while that many wait (the caller is busy, e.g. inferring), no
+    new fetch starts, so fetched bytes never pile up in memory.
+
+    `after(job, result)` runs once a fetch ends (the image store's copy is
+    made there); what it returns comes with the result. It runs on its own
+    `after_threads`, not on the fetching thread: a fetch thread goes back to
+    the network as soon as its answer is in, and making copies (decoding and
+    encoding pictures, CPU work that releases the GIL) takes at most that
+    many cores from the model however many fetches are in flight.
     """
 
     def __init__(self, fetcher: Fetcher, politeness: Politeness, threads: int,
                  max_ready: int = 0,
-                 after: Optional[Callable[[Job, FetchResult], Any]] = None):
+                 after: Optional[Callable[[Job, FetchResult], Any]] = None,
+                 after_threads: int = 2):
         self._fetcher = fetcher
         self._after = after
         self._politeness = politeness
@@ -84,11 +90,14 @@ class HostScheduler:
         self._max_ready = max_ready or max(64, 2 * self._threads)
         self._pool = concurrent.futures.ThreadPoolExecutor(self._threads,
                                                            thread_name_prefix="fetch")
+        self._after_pool = (concurrent.futures.ThreadPoolExecutor(
+            max(1, after_threads), thread_name_prefix="fetch-after") if after else None)
+        self._making = 0  # fetched, waiting for or inside `after`
         self._cond = threading.Condition()
         self._queues: dict[str, _HostQueue] = {}
         self._running: collections.Counter = collections.Counter()
         self._awaiting: dict[str, int] = {}  # host -> id of the job waiting for its turn
-        self._total_running = 0  # jobs on a thread: fetching, or making `after`'s result
+        self._total_running = 0  # jobs on a fetch thread
         self._done: collections.deque = collections.deque()
         self._queued = 0
         self._closed = False
@@ -105,13 +114,14 @@ class HostScheduler:
     def pending(self) -> int:
         """Jobs submitted and not yet taken."""
         with self._cond:
-            return self._queued + self._total_running + len(self._done)
+            return self._queued + self._total_running + self._making + len(self._done)
 
     def take(self, block: bool) -> list[tuple[Job, FetchResult, Any]]:
         """Finished jobs (job, result, what `after` made of it); with `block`,
         waits until at least one is finished (or nothing is pending)."""
         with self._cond:
-            while block and not self._done and (self._queued or self._total_running):
+            while block and not self._done and (self._queued or self._total_running
+                                                or self._making):
                 self._cond.wait()
             done, self._done = list(self._done), collections.deque()
             self._cond.notify_all()
@@ -133,6 +143,8 @@ class HostScheduler:
             self._closed = True
             self._cond.notify_all()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._after_pool is not None:
+            self._after_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- the dispatcher
 
@@ -153,7 +165,8 @@ class HostScheduler:
         hosts = [h for h, queue in self._queues.items() if queue]
         if not hosts:
             return None
-        if self._total_running >= self._threads or len(self._done) >= self._max_ready:
+        if (self._total_running >= self._threads
+                or len(self._done) + self._making >= self._max_ready):
             return None
         wake: Optional[float] = None
         started = False
@@ -205,16 +218,27 @@ class HostScheduler:
         except BaseException as exc:  # fetch never raises; if it did, the job still ends
             result = FetchResult(False, reason="internal_error", detail=repr(exc)[:300],
                                  final_url=job.url)
-        with self._cond:  # the host's slot is free once the answer is in
+        with self._cond:  # the host's slot and the thread are free once the answer is in
             self._free_slot(job)
+            self._total_running -= 1
+            if self._after is None:
+                self._done.append((job, result, None))
+            else:
+                self._making += 1
             self._cond.notify_all()
-        extra = None
         if self._after is not None:
             try:
-                extra = self._after(job, result)
-            except BaseException as exc:  # `after` reports its own failures; if not, say so
-                extra = exc
+                self._after_pool.submit(self._finish, job, result)
+            except RuntimeError:  # closed meanwhile: nobody takes results any more
+                with self._cond:
+                    self._making -= 1
+
+    def _finish(self, job: Job, result: FetchResult) -> None:
+        try:
+            extra = self._after(job, result)
+        except BaseException as exc:  # `after` reports its own failures; if not, say so
+            extra = exc
         with self._cond:
-            self._total_running -= 1
+            self._making -= 1
             self._done.append((job, result, extra))
             self._cond.notify_all()

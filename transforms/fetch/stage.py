@@ -14,8 +14,11 @@ Inside a worker process the `HostScheduler` fetches all the shards it holds
 at once, each host from its own queue, so hosts never wait for each other,
 and every group of a bundle is queued as soon as it arrives, so groups never
 wait for each other either. Each fetched picture becomes the image store's
-copy on the fetching thread and is written to the store as the stage goes
-(`transforms/store/writing.py`), with its URL entry.
+copy on one of a few copy threads (`COPY_THREADS`), so a fetching thread is
+back on the network as soon as its answer is in, and is written to the store
+as the stage goes (`transforms/store/writing.py`), with its URL entry. On the
+local runner the pixels the copy was made from go on with it
+(`keep_decoded`), so the embed stage fused after this one decodes nothing.
 
 A bundle that fails and is retried cannot hold a shard's budget twice
 (grants are keyed by shard, and a new bundle first gives back what an
@@ -29,6 +32,7 @@ fetches only the rest.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from typing import Any, Iterable, Optional
 
@@ -51,6 +55,9 @@ from transforms.store.layout import ImageStore
 from transforms.store.writing import StoreWriter, stored_copies_in_run, stored_entries_in_run
 
 INVALID_HOST = "(invalid)"
+# Threads making the store's copies, per process: copies are CPU work, so
+# more threads than cores only take cores from the model.
+COPY_THREADS = max(1, min(4, os.cpu_count() or 2))
 # Limits of a host this process holds no shard of: a redirect target on
 # another host. They hold per process, not for the job.
 UNOWNED_LIMITS = (1, 1.0)
@@ -95,21 +102,24 @@ class FetchHostShards(beam.DoFn):
     """
 
     def __init__(self, config: FetchConfig, store: Optional[str] = None, run: str = "",
-                 every: tuple[int, float] = (500, 5.0)):
+                 every: tuple[int, float] = (500, 5.0), keep_decoded: bool = False):
         self.config = config
         self._store_root = store
         self._run = run
         self._every = every
+        self._keep_decoded = keep_decoded
         self._fetcher: Optional[Fetcher] = None
         self._scheduler: Optional[HostScheduler] = None
 
     def setup(self):
         self._politeness = shared(*UNOWNED_LIMITS, self.config.host_overrides())
         self._fetcher = Fetcher(self.config, politeness=self._politeness)
-        max_pixels = self.config.max_image_pixels
+        max_pixels, keep = self.config.max_image_pixels, self._keep_decoded
         self._scheduler = HostScheduler(self._fetcher, self._politeness,
                                         self.config.fetch_concurrency,
-                                        after=lambda job, result: copy_of(result, max_pixels))
+                                        after=lambda job, result: copy_of(result, max_pixels,
+                                                                          keep),
+                                        after_threads=COPY_THREADS)
         self._store = ImageStore(self._store_root) if self._store_root else None
         self._writer = (StoreWriter(self._store, self._run, *self._every)
                         if self._store is not None else None)
@@ -287,15 +297,21 @@ class FetchImages(beam.PTransform):
 
     Returns the tagged outputs of `FetchHostShards`: `.images`,
     `[NOT_MODIFIED]`, `[FAILURES]` and `[TALLY]`.
+
+    `keep_decoded`: each image also carries the pixels its copy was made
+    from, for an embed stage fused with this one in the same process (the
+    local runner), which then does not decode the copy again. Never where
+    images cross a shuffle: pixels are ten times the copy's bytes.
     """
 
     def __init__(self, config: FetchConfig, store: Optional[str] = None, run: str = "",
-                 every: tuple[int, float] = (500, 5.0)):
+                 every: tuple[int, float] = (500, 5.0), keep_decoded: bool = False):
         super().__init__()
         self._config = config
         self._store = store
         self._run = run
         self._every = every
+        self._keep_decoded = keep_decoded
 
     def expand(self, tasks):
         config = self._config
@@ -303,5 +319,6 @@ class FetchImages(beam.PTransform):
                 | "ByHostShard" >> beam.Map(lambda task: (shard_key(task, config), task))
                 | "GroupByHostShard" >> beam.GroupByKey()
                 | "FetchByHost" >> beam.ParDo(FetchHostShards(
-                    config, self._store, self._run, self._every)).with_outputs(
+                    config, self._store, self._run, self._every,
+                    self._keep_decoded)).with_outputs(
                     FAILURES, NOT_MODIFIED, TALLY, main="images"))

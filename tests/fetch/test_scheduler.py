@@ -1,0 +1,76 @@
+"""The scheduler's after-step (the store's copy) runs beside the fetches, not
+on their threads: a fetching thread is back on the network as soon as its
+answer is in. Against a real loopback host that counts requests."""
+from __future__ import annotations
+
+import threading
+
+from tests.fetch.test_fetch import JPEG, config
+from tests.http_server import FaultServer
+from transforms.fetch.fetcher import Fetcher
+from transforms.fetch.politeness import Politeness
+from transforms.fetch.scheduler import HostScheduler, Job
+
+
+def test_a_slow_after_step_does_not_hold_the_fetching_threads():
+    """One fetching thread, one after-thread whose first call waits until the
+    host has answered every URL: were the after-step on the fetching thread,
+    the second fetch could never start and the wait would time out."""
+    with FaultServer() as server:
+        urls = [server.add(f"/s/{i}.jpg", JPEG) for i in range(4)]
+        cfg = config(fetch_concurrency=1, per_host_concurrency=1)
+        fetcher = Fetcher(cfg)
+        all_fetched = threading.Event()
+        waited = []
+
+        def after(job, result):
+            if not waited:
+                waited.append(all_fetched.wait(timeout=10))
+            return result.ok
+
+        scheduler = HostScheduler(fetcher, fetcher.politeness, threads=1, after=after,
+                                  after_threads=1)
+        try:
+            for url in urls:
+                scheduler.submit(Job("127.0.0.1", url))
+            deadline = threading.Event()
+            for _ in range(200):
+                if sum(server.hits(f"/s/{i}.jpg") for i in range(4)) == 4:
+                    all_fetched.set()
+                    break
+                deadline.wait(0.05)
+            done = []
+            while scheduler.pending():
+                done += scheduler.take(block=True)
+        finally:
+            scheduler.close()
+            fetcher.close()
+        assert waited == [True]
+        assert sorted(job.url for job, _, _ in done) == sorted(urls)
+        assert all(extra is True for _, _, extra in done)
+
+
+def test_results_waiting_for_the_after_step_count_against_max_ready():
+    """Fetched pictures waiting for their copy hold memory like results not
+    taken: no new fetch starts while `max_ready` of them wait."""
+    with FaultServer() as server:
+        urls = [server.add(f"/m/{i}.jpg", JPEG) for i in range(6)]
+        fetcher = Fetcher(config(fetch_concurrency=4, per_host_concurrency=4))
+        release = threading.Event()
+        scheduler = HostScheduler(fetcher, Politeness(4, 0), threads=4, max_ready=2,
+                                  after=lambda job, result: release.wait(10),
+                                  after_threads=1)
+        try:
+            for url in urls:
+                scheduler.submit(Job("127.0.0.1", url))
+            threading.Event().wait(1.0)
+            started = sum(server.hits(f"/m/{i}.jpg") for i in range(6))
+            release.set()
+            done = []
+            while scheduler.pending():
+                done += scheduler.take(block=True)
+        finally:
+            scheduler.close()
+            fetcher.close()
+        assert started <= 2 + 4 - 1  # at most max_ready waiting, plus those in flight then
+        assert len(done) == 6

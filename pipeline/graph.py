@@ -67,8 +67,9 @@ def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: 
     to_fetch = p | "PlannedTasks" >> ReadPlannedTasks(plan.fetch + plan.revalidate,
                                                       spread=distributed)
     plan_tally = p | "PlanTally" >> beam.Create([plan.tally])
-    fetched = to_fetch | "Fetch" >> FetchImages(fetch_config(opts, local_processes), store,
-                                                snapshot, every)
+    fetched = to_fetch | "Fetch" >> FetchImages(
+        fetch_config(opts, local_processes), store, snapshot, every,
+        work_item_seconds=opts.fetch_work_item_seconds if distributed else None)
     changed, unchanged, split_tally = ((fetched.images, fetched[NOT_MODIFIED])
                                        | "SplitUnchanged" >> SplitUnchanged())
     if distributed:

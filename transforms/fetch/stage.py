@@ -303,8 +303,9 @@ class FetchWorkItems(FetchHostShards, RestrictionProvider):
         super().setup()
         self._handed_on: set[str] = set()  # hosts of shards deferred in this bundle
 
-    def process(self, element, tracker=beam.DoFn.RestrictionParam(),
-                window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
+    def process(self, element, window=beam.DoFn.WindowParam,
+                timestamp=beam.DoFn.TimestampParam,
+                tracker=beam.DoFn.RestrictionParam()):  # last: Beam passes it by name
         (host, shard), tasks = element
         items = shard_items(tasks, self.config)
         span = tracker.current_restriction()

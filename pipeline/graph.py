@@ -11,7 +11,9 @@ there the fetched copies are embedded in the fetching stage (fetching and
 inference overlap). On distributed runners fetched copies cross a shuffle
 keyed by content first, so that embedding spreads over every worker whatever
 the export's hosts, each content is embedded once for the whole job, and
-resource hints move the copies (tens of kB), not pixels.
+resource hints move the copies (tens of kB), not pixels; and a host shard is
+fetched in work items of about `--fetch_work_item_seconds` each, so that a
+failure redoes minutes of fetching (transforms/fetch/work_items.py).
 """
 from __future__ import annotations
 

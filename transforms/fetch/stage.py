@@ -25,6 +25,14 @@ parts only): first which of its URLs were stored (two index columns), then
 the copies themselves, streamed a row group at a time and emitted as they are
 read, so memory stays bounded however late in a shard the failure came; it
 fetches only the rest.
+
+Which runner gets which: on distributed runners (`FetchImages` given
+`work_item_seconds`) `FetchWorkItems` fetches a shard in work items of
+bounded length that checkpoint, one holder of the shard's budget at a time
+(transforms/fetch/work_items.py), so a failure redoes minutes, not a large
+shard's hours. The local runner keeps `FetchHostShards`, one work item per
+shard: it fuses fetching with embedding in one stage and retries no bundle,
+so checkpoints would only add pauses there.
 """
 from __future__ import annotations
 

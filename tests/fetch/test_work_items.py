@@ -267,3 +267,12 @@ def test_a_portable_runner_fetches_a_shard_in_several_work_items(tiny_model, tmp
     assert tally["fetch.work_items"] >= 14, tally
     assert tally["fetch.work_items"] - tally["fetch.checkpoints"] == 2, tally
     assert tally["fetch.distinct_urls"] == 64
+
+
+def test_a_negative_work_item_length_is_one_clear_line(tmp_path):
+    from pipeline.cli import UsageError
+    with pytest.raises(UsageError, match=r"--fetch_work_item_seconds must be 0 \(one work "
+                                         r"item per shard\) or more; found -1"):
+        run(PipelineOptions(["--export", str(tmp_path / "e.zip"), "--model", "m",
+                             "--output", str(tmp_path / "out"),
+                             "--fetch_work_item_seconds", "-1"]))

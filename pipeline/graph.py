@@ -11,7 +11,9 @@ there the fetched copies are embedded in the fetching stage (fetching and
 inference overlap). On distributed runners fetched copies cross a shuffle
 keyed by content first, so that embedding spreads over every worker whatever
 the export's hosts, each content is embedded once for the whole job, and
-resource hints move the copies (tens of kB), not pixels.
+resource hints move the copies (tens of kB), not pixels; and a host shard is
+fetched in work items of about `--fetch_work_item_seconds` each, so that a
+failure redoes minutes of fetching (transforms/fetch/work_items.py).
 """
 from __future__ import annotations
 
@@ -67,8 +69,10 @@ def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: 
     to_fetch = p | "PlannedTasks" >> ReadPlannedTasks(plan.fetch + plan.revalidate,
                                                       spread=distributed)
     plan_tally = p | "PlanTally" >> beam.Create([plan.tally])
-    fetched = to_fetch | "Fetch" >> FetchImages(fetch_config(opts, local_processes), store,
-                                                snapshot, every, keep_decoded=not distributed)
+    fetched = to_fetch | "Fetch" >> FetchImages(
+        fetch_config(opts, local_processes), store, snapshot, every,
+        keep_decoded=not distributed,
+        work_item_seconds=opts.fetch_work_item_seconds if distributed else None)
     changed, unchanged, split_tally = ((fetched.images, fetched[NOT_MODIFIED])
                                        | "SplitUnchanged" >> SplitUnchanged())
     if distributed:

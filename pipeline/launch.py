@@ -64,6 +64,9 @@ def run(options: PipelineOptions, argv: Optional[Sequence[str]] = None) -> dict:
         if not getattr(opts, flag):
             raise UsageError(f"--{flag} is required")
     check_sdk_image(options)  # workers' image built for the launcher's Python minor version
+    if opts.fetch_work_item_seconds < 0:
+        raise UsageError(f"--fetch_work_item_seconds must be 0 (one work item per shard) or "
+                         f"more; found {opts.fetch_work_item_seconds:g}")
     if opts.precision == "bfloat16" and not cpu_supports_bfloat16():
         raise UsageError("--precision bfloat16 needs a CPU with AVX512-BF16 or AMX "
                          "(/proc/cpuinfo lists neither avx512_bf16 nor amx_bf16); "

@@ -125,6 +125,9 @@ class GbifEmbedOptions(PipelineOptions):
         add("--checkpoint_seconds", type=float, default=5.0,
             help="... or every this many seconds, so a run killed at any moment loses "
             "at most that much; running the same command again resumes")
+        add("--fetch_work_item_seconds", type=float, default=120.0,
+            help="Distributed runners: a host shard is fetched in work items of about "
+            "this many seconds of fetching each, so a failure redoes at most that much")
         # Resource hints for the inference step.
         add("--inference_min_ram", default=None,
             help="Resource hint for the inference step, e.g. 8GB")

@@ -88,3 +88,19 @@ def test_a_second_run_on_the_same_output_is_refused(flink_cluster, job_server_ja
     with held(output, "snapshot-first"):
         with pytest.raises(LeaseHeld):
             _run(sample, tiny_model, output, *flink_flags(flink_cluster, job_server_jar))
+
+
+def test_a_shard_is_fetched_in_work_items_that_checkpoint(flink_cluster, job_server_jar,
+                                                          sample, tiny_model, tmp_path):
+    """Flink (batch) replays a work item's deferred rest after its bundle: every
+    row once, in several work items of a shard."""
+    output = str(tmp_path / "out")
+    manifest = _run(sample, tiny_model, output, *flink_flags(flink_cluster, job_server_jar),
+                    "--per_host_rate", "4", "--per_host_concurrency", "2",
+                    "--fetch_work_item_seconds", "0.5")
+    counts, tally = manifest["counts"], manifest["tally"]
+    assert counts["embedded"] == sample.expected_images
+    assert counts["accounted"] == counts["export_rows"]
+    assert tally["fetch.checkpoints"] >= 1, tally
+    assert tally["fetch.work_items"] > tally["fetch.checkpoints"], tally
+    _rows(output, manifest)  # each row once

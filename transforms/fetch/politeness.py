@@ -164,6 +164,32 @@ class Politeness:
             state.grants.pop(key, None)
             self._regrant_locked(state, host)
 
+    def settle(self, hosts, since: float, timeout: float = 300.0) -> None:
+        """Waits until WINDOW_S has passed since `since` (when budgets of these
+        hosts were revoked) and each host has no more requests in flight than
+        its limits now allow. A shard handed on to another worker process is
+        then safe to fetch there at once: every 1-second window in which the
+        next holder sends lies after the revocation, when this process already
+        kept to its smaller limits, so the two never add up to more than the
+        host's. `timeout` caps the wait for requests in flight (a stalled host)."""
+        deadline = self._clock() + timeout
+        with self._lock:
+            while True:
+                now = self._clock()
+                busy = [h for h in hosts
+                        if self._host_locked(h).in_flight > self._host_locked(h).concurrency]
+                if (now >= since + WINDOW_S and not busy) or now >= deadline:
+                    return
+                self._freed.wait(max(0.001, since + WINDOW_S - now) if now < since + WINDOW_S
+                                 else min(1.0, deadline - now))
+
+    def pace(self, host: str) -> float:
+        """The share of its granted rate this process sends to `host` at now:
+        1.0, less after 429s or 503s halved it."""
+        with self._lock:
+            state = self._host_locked(host)
+            return state.rate / state.target_rate if state.target_rate > 0 else 1.0
+
     def granted_keys(self, host: str) -> list:
         with self._lock:
             return list(self._host_locked(host).grants)

@@ -28,6 +28,14 @@ parts only): first which of its URLs were stored (two index columns), then
 the copies themselves, streamed a row group at a time and emitted as they are
 read, so memory stays bounded however late in a shard the failure came; it
 fetches only the rest.
+
+Which runner gets which: on distributed runners (`FetchImages` given
+`work_item_seconds`) `FetchWorkItems` fetches a shard in work items of
+bounded length that checkpoint, one holder of the shard's budget at a time
+(transforms/fetch/work_items.py), so a failure redoes minutes, not a large
+shard's hours. The local runner keeps `FetchHostShards`, one work item per
+shard: it fuses fetching with embedding in one stage and retries no bundle,
+so checkpoints would only add pauses there.
 """
 from __future__ import annotations
 
@@ -37,7 +45,9 @@ import time
 from typing import Any, Iterable, Optional
 
 import apache_beam as beam
+from apache_beam.io.restriction_trackers import OffsetRange
 from apache_beam.pvalue import TaggedOutput
+from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.common import progress
@@ -50,6 +60,7 @@ from transforms.fetch.outcome import FetchResult
 from transforms.fetch.politeness import shared
 from transforms.fetch.results import copy_of, image, outputs, store_entries
 from transforms.fetch.scheduler import HostScheduler, Job
+from transforms.fetch.work_items import ShardItem, WorkItemTracker, shard_items, work_item_size
 from transforms.store.copies import StoredCopy
 from transforms.store.layout import ImageStore
 from transforms.store.writing import StoreWriter, stored_copies_in_run, stored_entries_in_run
@@ -133,6 +144,7 @@ class FetchHostShards(beam.DoFn):
         # held and forget the fetches it queued.
         self._release_grants()
         self._scheduler.reset()
+        self.tally.flush()  # its counts too: its retry counts its own
         self._bundle += 1
         self._busy_since: Optional[float] = None  # the first URL of this bundle
 
@@ -147,6 +159,12 @@ class FetchHostShards(beam.DoFn):
                 yield self._failed(task, "invalid_url", str(exc), window, timestamp)
                 continue
             by_url.setdefault(url, []).append(task)
+        yield from self._fetch(host, shard, by_url, window, timestamp)
+
+    def _fetch(self, host: str, shard: int, by_url: dict[str, list[dict]], window,
+               timestamp) -> Iterable[Any]:
+        """Queues the fetches of one shard's URLs (what an earlier attempt of
+        this run stored is read back instead) and emits what is done."""
         if not by_url:
             return
         if self._busy_since is None:
@@ -264,6 +282,83 @@ class FetchHostShards(beam.DoFn):
         self.tally.add(latency_key("fetch.latency_ms", result.elapsed_s))
 
 
+class FetchWorkItems(FetchHostShards, RestrictionProvider):
+    """`FetchHostShards` for distributed runners: a (host, shard) group is
+    fetched in work items of about `work_item_seconds` of fetching each
+    (transforms/fetch/work_items.py), so a failure redoes one work item, not
+    the shard's hours.
+
+    A work item claims its URLs' positions before queueing them, defers the
+    rest of the shard (a self-checkpoint) and returns at once, so the groups
+    of a bundle still fetch side by side; the bundle's end drains them, makes
+    what they fetched durable in the image store and gives the shards'
+    budgets back. A shard handed on to a later work item (perhaps in another
+    worker process) is given back only once this process has kept to its
+    smaller limits for a rate window (`Politeness.settle`), so the host never
+    sees a shard's share twice. A retried work item reads back what its failed
+    attempt stored, as a retried bundle does, and fetches only the rest.
+    """
+
+    def __init__(self, config: FetchConfig, store: Optional[str] = None, run: str = "",
+                 every: tuple[int, float] = (500, 5.0), work_item_seconds: float = 120.0):
+        super().__init__(config, store, run, every)
+        self.work_item_seconds = float(work_item_seconds)
+
+    # -- the restriction: positions over the group's distinct URLs
+
+    def initial_restriction(self, element) -> OffsetRange:
+        return OffsetRange(0, len(shard_items(element[1], self.config)))
+
+    def create_tracker(self, restriction: OffsetRange) -> WorkItemTracker:
+        return WorkItemTracker(restriction)
+
+    def restriction_size(self, element, restriction: OffsetRange) -> int:
+        return restriction.size()
+
+    # (`split`, the initial split, keeps the whole restriction: RestrictionProvider's default.)
+
+    def setup(self):
+        super().setup()
+        self._handed_on: set[str] = set()  # hosts of shards deferred in this bundle
+
+    def process(self, element, window=beam.DoFn.WindowParam,
+                timestamp=beam.DoFn.TimestampParam,
+                tracker=beam.DoFn.RestrictionParam()):  # last: Beam passes it by name
+        (host, shard), tasks = element
+        items = shard_items(tasks, self.config)
+        span = tracker.current_restriction()
+        budget = (self.config.shard_budgets(host)[shard] if host != INVALID_HOST
+                  else None)
+        size = (work_item_size(self.work_item_seconds, budget.concurrency, budget.rate,
+                               self._politeness.pace(host))
+                if budget is not None else span.stop - span.start)
+        claimed: list[ShardItem] = []
+        position = span.start
+        while position < span.stop and len(claimed) < size and tracker.try_claim(position):
+            claimed.append(items[position])
+            position += 1
+        if position < span.stop:
+            tracker.defer_remainder()
+            self.tally.add("fetch.checkpoints")
+            self._handed_on.add(host)
+        self.tally.add("fetch.work_items")
+        by_url: dict[str, list[dict]] = {}
+        for item in claimed:
+            if item.url is None:
+                yield self._failed(item.rows[0], "invalid_url", item.error or "", window,
+                                   timestamp)
+            else:
+                by_url[item.url] = item.rows
+        yield from self._fetch(host, shard, by_url, window, timestamp)
+
+    def _release_grants(self) -> None:
+        since = time.monotonic()
+        super()._release_grants()
+        if self._handed_on:
+            self._politeness.settle(sorted(self._handed_on), since)
+            self._handed_on = set()
+
+
 def _from_store(rows: list[dict], stored: dict) -> dict:
     """A URL an earlier attempt of this run already fetched and stored."""
     row = stored["copy"]
@@ -305,20 +400,28 @@ class FetchImages(beam.PTransform):
     """
 
     def __init__(self, config: FetchConfig, store: Optional[str] = None, run: str = "",
-                 every: tuple[int, float] = (500, 5.0), keep_decoded: bool = False):
+                 every: tuple[int, float] = (500, 5.0), keep_decoded: bool = False,
+                 work_item_seconds: Optional[float] = None):
         super().__init__()
         self._config = config
         self._store = store
         self._run = run
         self._every = every
         self._keep_decoded = keep_decoded
+        self._work_item_seconds = work_item_seconds
 
     def expand(self, tasks):
         config = self._config
+        # Distributed runners (`work_item_seconds` given) fetch a shard in work
+        # items of bounded length; the local runner fetches a shard in one
+        # (there a failed bundle fails the run, and nothing is gained).
+        fetch = (FetchWorkItems(config, self._store, self._run, self._every,
+                                self._work_item_seconds)
+                 if self._work_item_seconds else
+                 FetchHostShards(config, self._store, self._run, self._every,
+                                 self._keep_decoded))
         return (tasks
                 | "ByHostShard" >> beam.Map(lambda task: (shard_key(task, config), task))
                 | "GroupByHostShard" >> beam.GroupByKey()
-                | "FetchByHost" >> beam.ParDo(FetchHostShards(
-                    config, self._store, self._run, self._every,
-                    self._keep_decoded)).with_outputs(
+                | "FetchByHost" >> beam.ParDo(fetch).with_outputs(
                     FAILURES, NOT_MODIFIED, TALLY, main="images"))

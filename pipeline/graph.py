@@ -71,7 +71,6 @@ def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: 
     plan_tally = p | "PlanTally" >> beam.Create([plan.tally])
     fetched = to_fetch | "Fetch" >> FetchImages(
         fetch_config(opts, local_processes), store, snapshot, every,
-        keep_decoded=not distributed,
         work_item_seconds=opts.fetch_work_item_seconds if distributed else None)
     changed, unchanged, split_tally = ((fetched.images, fetched[NOT_MODIFIED])
                                        | "SplitUnchanged" >> SplitUnchanged())

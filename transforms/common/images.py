@@ -16,10 +16,9 @@ import numpy as np
 # Keys of a task that describe one fetch, not one row.
 _TRANSIENT_TASK_KEYS = ("revalidate", "previous")
 # Keys of an image that carry the picture itself, not facts about it: the
-# store's copy (`content`), the pixels it was made from where the same
-# process embeds it (`decoded`, a PIL image: the local runner), and the
-# model's input (`pixels`). None of them reaches a row.
-PICTURE_KEYS = ("content", "decoded", "pixels")
+# store's copy (`content`) and the model's input (`pixels`). Neither reaches
+# a row.
+PICTURE_KEYS = ("content", "pixels")
 
 
 def facts_of(image: dict) -> dict:
@@ -32,20 +31,16 @@ def image_element(tasks: list[dict], *, content: Optional[bytes], sha: str,
                   image_format: Optional[str] = None, http_status: Optional[int] = None,
                   attempts: int = 0, etag: Optional[str] = None,
                   last_modified: Optional[str] = None, fetch_seconds: float = 0.0,
-                  nbytes: int = 0, validators_per_task: bool = False,
-                  decoded: Optional[object] = None) -> dict:
+                  nbytes: int = 0, validators_per_task: bool = False) -> dict:
     """`content`: the store's copy (what is decoded); `sha`: of the fetched
     bytes (the content's identity); width and height: the fetched picture's.
     `validators_per_task`: the tasks carry their own ETag and Last-Modified
-    (one content found under several URLs in the store's URL index).
-    `decoded`: the pixels the copy was made from (see `PICTURE_KEYS`)."""
+    (one content found under several URLs in the store's URL index)."""
     image = dict(content=content, image_sha256=sha, image_format=image_format,
                  http_status=http_status, attempts=attempts, fetch_seconds=fetch_seconds,
                  bytes=nbytes, width=width, height=height, tasks=tasks)
     if not validators_per_task:
         image.update(etag=etag, last_modified=last_modified)
-    if decoded is not None:
-        image["decoded"] = decoded
     return image
 
 

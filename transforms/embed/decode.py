@@ -111,13 +111,8 @@ class DecodeImages(ThreadedDoFn):
 
     def _decoded(self, fetched: dict, image: dict) -> list:
         try:
-            rgb = fetched.get("decoded")
-            if rgb is not None:  # the fetch stage decoded it to make the copy
-                width, height = rgb.size
-                self.tally.add("decode.reused")
-            else:
-                rgb, width, height = decode_rgb(fetched["content"], self._resize, self._size,
-                                                max_pixels=self._max_pixels)
+            rgb, width, height = decode_rgb(fetched["content"], self._resize, self._size,
+                                            max_pixels=self._max_pixels)
             pixels = model_input(rgb, self._resize, self._size)
         except DecodeError as err:
             self.tally.add(f"decode.reason.{err.reason}")

@@ -115,9 +115,7 @@ class _SkipKnown(beam.DoFn):
             yield from self._known(key, image)
         elif _start(key) or len(self._held) >= MAX_HELD:
             yield image
-        else:  # its twin is being embedded: wait for that embedding here, without
-            # the pixels its copy was made from (it will most likely not need them)
-            image = {k: v for k, v in image.items() if k != "decoded"}
+        else:  # its twin is being embedded: wait for that embedding here
             self._held[id(image)] = (key, image, time.monotonic())
         yield from self._release(final=False)
 

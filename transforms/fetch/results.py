@@ -21,17 +21,16 @@ from transforms.store.layout import OK
 from transforms.store.writing import url_entry
 
 
-def copy_of(result: FetchResult, max_pixels: int, keep_decoded: bool = False) -> Any:
+def copy_of(result: FetchResult, max_pixels: int) -> Any:
     """The store's copy of a fetched picture (a StoredCopy), or the DecodeError
     that says why there is none; None for a failed fetch or a 304. The
-    original bytes are dropped from the result here: only the copy goes on
-    (with the pixels it was made from, if `keep_decoded`)."""
+    original bytes are dropped from the result here: only the copy goes on."""
     if not result.ok or result.not_modified or result.content is None:
         return None
     content, result.content = result.content, None
     result.sha256, result.nbytes = hashlib.sha256(content).hexdigest(), len(content)
     try:
-        return make_copy(content, max_pixels, keep_decoded=keep_decoded)
+        return make_copy(content, max_pixels)
     except DecodeError as err:
         return err
 
@@ -68,7 +67,7 @@ def image(rows: list[dict], copy: StoredCopy, sha: str, image_format: Optional[s
                          height=copy.source_height, image_format=image_format,
                          http_status=http_status, attempts=attempts, etag=etag,
                          last_modified=last_modified, fetch_seconds=fetch_seconds,
-                         nbytes=nbytes, decoded=copy.decoded)
+                         nbytes=nbytes)
 
 
 def store_entries(identifier: str, fetched_from: str, result: FetchResult,

@@ -16,9 +16,7 @@ and every group of a bundle is queued as soon as it arrives, so groups never
 wait for each other either. Each fetched picture becomes the image store's
 copy on one of a few copy threads (`COPY_THREADS`), so a fetching thread is
 back on the network as soon as its answer is in, and is written to the store
-as the stage goes (`transforms/store/writing.py`), with its URL entry. On the
-local runner the pixels the copy was made from go on with it
-(`keep_decoded`), so the embed stage fused after this one decodes nothing.
+as the stage goes (`transforms/store/writing.py`), with its URL entry.
 
 A bundle that fails and is retried cannot hold a shard's budget twice
 (grants are keyed by shard, and a new bundle first gives back what an
@@ -113,23 +111,21 @@ class FetchHostShards(beam.DoFn):
     """
 
     def __init__(self, config: FetchConfig, store: Optional[str] = None, run: str = "",
-                 every: tuple[int, float] = (500, 5.0), keep_decoded: bool = False):
+                 every: tuple[int, float] = (500, 5.0)):
         self.config = config
         self._store_root = store
         self._run = run
         self._every = every
-        self._keep_decoded = keep_decoded
         self._fetcher: Optional[Fetcher] = None
         self._scheduler: Optional[HostScheduler] = None
 
     def setup(self):
         self._politeness = shared(*UNOWNED_LIMITS, self.config.host_overrides())
         self._fetcher = Fetcher(self.config, politeness=self._politeness)
-        max_pixels, keep = self.config.max_image_pixels, self._keep_decoded
+        max_pixels = self.config.max_image_pixels
         self._scheduler = HostScheduler(self._fetcher, self._politeness,
                                         self.config.fetch_concurrency,
-                                        after=lambda job, result: copy_of(result, max_pixels,
-                                                                          keep),
+                                        after=lambda job, result: copy_of(result, max_pixels),
                                         after_threads=COPY_THREADS)
         self._store = ImageStore(self._store_root) if self._store_root else None
         self._writer = (StoreWriter(self._store, self._run, *self._every)
@@ -392,22 +388,16 @@ class FetchImages(beam.PTransform):
 
     Returns the tagged outputs of `FetchHostShards`: `.images`,
     `[NOT_MODIFIED]`, `[FAILURES]` and `[TALLY]`.
-
-    `keep_decoded`: each image also carries the pixels its copy was made
-    from, for an embed stage fused with this one in the same process (the
-    local runner), which then does not decode the copy again. Never where
-    images cross a shuffle: pixels are ten times the copy's bytes.
     """
 
     def __init__(self, config: FetchConfig, store: Optional[str] = None, run: str = "",
-                 every: tuple[int, float] = (500, 5.0), keep_decoded: bool = False,
+                 every: tuple[int, float] = (500, 5.0),
                  work_item_seconds: Optional[float] = None):
         super().__init__()
         self._config = config
         self._store = store
         self._run = run
         self._every = every
-        self._keep_decoded = keep_decoded
         self._work_item_seconds = work_item_seconds
 
     def expand(self, tasks):
@@ -418,8 +408,7 @@ class FetchImages(beam.PTransform):
         fetch = (FetchWorkItems(config, self._store, self._run, self._every,
                                 self._work_item_seconds)
                  if self._work_item_seconds else
-                 FetchHostShards(config, self._store, self._run, self._every,
-                                 self._keep_decoded))
+                 FetchHostShards(config, self._store, self._run, self._every))
         return (tasks
                 | "ByHostShard" >> beam.Map(lambda task: (shard_key(task, config), task))
                 | "GroupByHostShard" >> beam.GroupByKey()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from typing import Optional
 
 from PIL import Image
 
@@ -51,20 +50,11 @@ class StoredCopy:
     source_width: int      # the fetched picture's size, before EXIF rotation
     source_height: int
     kept_as_fetched: bool  # the fetched bytes were already a copy
-    # The picture the copy was encoded from (the copy's size, upright RGB),
-    # when asked for: what the model can embed without decoding the copy.
-    decoded: Optional[Image.Image] = dataclasses.field(default=None, compare=False,
-                                                       repr=False)
 
 
 def make_copy(content: bytes, max_pixels: int = 100_000_000,
-              short_side: int = STORE_PX, keep_decoded: bool = False) -> StoredCopy:
-    """Fetched bytes → the store's copy; DecodeError for what is not a picture.
-
-    `keep_decoded`: keep the pixels the copy was encoded from, so that where
-    the copy is embedded in the same process (the local runner) the picture
-    is decoded once, not twice. A picture kept as fetched was not decoded:
-    it has none."""
+              short_side: int = STORE_PX) -> StoredCopy:
+    """Fetched bytes → the store's copy; DecodeError for what is not a picture."""
     if _already_a_copy(content, 2 * short_side - 1):
         with Image.open(io.BytesIO(content)) as image:
             width, height = image.size
@@ -85,7 +75,7 @@ def make_copy(content: bytes, max_pixels: int = 100_000_000,
     except (OSError, ValueError) as err:
         raise DecodeError("corrupt", f"cannot re-encode the image: {err}") from err
     return StoredCopy(buffer.getvalue(), rgb.size[0], rgb.size[1], source_width,
-                      source_height, False, rgb if keep_decoded else None)
+                      source_height, False)
 
 
 def _already_a_copy(content: bytes, max_short_side: int) -> bool:

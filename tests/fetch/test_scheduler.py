@@ -12,6 +12,14 @@ from transforms.fetch.politeness import Politeness
 from transforms.fetch.scheduler import HostScheduler, Job
 
 
+def _drain(scheduler: HostScheduler) -> list:
+    """Every job submitted, once it is fetched and through the after-step."""
+    done = []
+    while scheduler.pending():
+        done += scheduler.take(block=True)
+    return done
+
+
 def test_a_slow_after_step_does_not_hold_the_fetching_threads():
     """One fetching thread, one after-thread whose first call waits until the
     host has answered every URL: were the after-step on the fetching thread,
@@ -39,9 +47,7 @@ def test_a_slow_after_step_does_not_hold_the_fetching_threads():
                     all_fetched.set()
                     break
                 deadline.wait(0.05)
-            done = []
-            while scheduler.pending():
-                done += scheduler.take(block=True)
+            done = _drain(scheduler)
         finally:
             scheduler.close()
             fetcher.close()
@@ -66,9 +72,7 @@ def test_results_waiting_for_the_after_step_count_against_max_ready():
             threading.Event().wait(1.0)
             started = sum(server.hits(f"/m/{i}.jpg") for i in range(6))
             release.set()
-            done = []
-            while scheduler.pending():
-                done += scheduler.take(block=True)
+            done = _drain(scheduler)
         finally:
             scheduler.close()
             fetcher.close()

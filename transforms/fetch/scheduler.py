@@ -93,7 +93,12 @@ class HostScheduler:
         self._after_pool = (concurrent.futures.ThreadPoolExecutor(
             max(1, after_threads), thread_name_prefix="fetch-after") if after else None)
         self._making = 0  # fetched, waiting for or inside `after`
+        # One lock, two conditions: the dispatcher is woken only when it may
+        # start something, the taker only when a result is in. Every needless
+        # wake-up is a thread switch and a GIL hand-off, and those, not the
+        # network, were most of the CPU a fetch cost.
         self._cond = threading.Condition()
+        self._results = threading.Condition(self._cond)
         self._queues: dict[str, _HostQueue] = {}
         self._running: collections.Counter = collections.Counter()
         self._awaiting: dict[str, int] = {}  # host -> id of the job waiting for its turn
@@ -109,7 +114,7 @@ class HostScheduler:
         with self._cond:
             self._queues.setdefault(job.host, _HostQueue()).append(job)
             self._queued += 1
-            self._cond.notify_all()
+            self._cond.notify()
 
     def pending(self) -> int:
         """Jobs submitted and not yet taken."""
@@ -122,9 +127,13 @@ class HostScheduler:
         with self._cond:
             while block and not self._done and (self._queued or self._total_running
                                                 or self._making):
-                self._cond.wait()
+                self._results.wait()
+            if not self._done:
+                return []
+            held_back = len(self._done) + self._making >= self._max_ready
             done, self._done = list(self._done), collections.deque()
-            self._cond.notify_all()
+            if held_back and self._queued:  # room again for fetches the bound held back
+                self._cond.notify()
             return done
 
     def reset(self) -> None:
@@ -136,15 +145,20 @@ class HostScheduler:
             self._queues.clear()
             self._queued = 0
             self._done.clear()
-            self._cond.notify_all()
+            self._wake_all()
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
-            self._cond.notify_all()
+            self._wake_all()
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._after_pool is not None:
             self._after_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _wake_all(self) -> None:
+        """Called holding the lock, when everything may have changed."""
+        self._cond.notify_all()
+        self._results.notify_all()
 
     # -- the dispatcher
 
@@ -200,7 +214,8 @@ class HostScheduler:
         with self._cond:
             if self._awaiting.get(job.host) == job.id:
                 del self._awaiting[job.host]
-                self._cond.notify_all()
+                if job.host in self._queues:  # its next fetch may go now
+                    self._cond.notify()
 
     def _free_slot(self, job: Job) -> None:
         """Gives back the host's slot (called holding `_cond`)."""
@@ -223,15 +238,18 @@ class HostScheduler:
             self._total_running -= 1
             if self._after is None:
                 self._done.append((job, result, None))
+                self._results.notify_all()
             else:
                 self._making += 1
-            self._cond.notify_all()
+            if self._queued:  # a slot and a thread are free for the next one
+                self._cond.notify()
         if self._after is not None:
             try:
                 self._after_pool.submit(self._finish, job, result)
             except RuntimeError:  # closed meanwhile: nobody takes results any more
                 with self._cond:
                     self._making -= 1
+                    self._results.notify_all()
 
     def _finish(self, job: Job, result: FetchResult) -> None:
         try:
@@ -241,4 +259,4 @@ class HostScheduler:
         with self._cond:
             self._making -= 1
             self._done.append((job, result, extra))
-            self._cond.notify_all()
+            self._results.notify_all()

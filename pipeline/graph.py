@@ -81,18 +81,18 @@ def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: 
         new, known, known_tally = changed | "SkipKnownContent" >> SkipKnownContent(
             model.fingerprint, snapshot)
     fresh = new | "EmbedFetched" >> embed_stage()
-    write = {"embeddings": [fresh[0], known, unchanged],
-             "failures": [fetched.failures, fresh[2]],
-             "thumbnails": [fresh[3]], "cache": [fresh[1]], "tally": [fresh[4]]}
+    write = {"embeddings": [fresh.rows, known, unchanged],
+             "failures": [fetched.failures, fresh.failures],
+             "thumbnails": [fresh.thumbnails], "cache": [fresh.cache], "tally": [fresh.tally]}
     if plan.stored_parts:  # pictures the store already has
         pictures, lost_pictures, pictures_tally = p | "ReadStore" >> ReadPlannedStored(
             plan.stored, plan.stored_parts, spread=distributed)
         from_store = pictures | "EmbedStored" >> embed_stage()
-        write["embeddings"] += [from_store[0]]
-        write["failures"] += [from_store[2], lost_pictures]
-        write["thumbnails"] += [from_store[3]]
-        write["cache"] += [from_store[1]]
-        write["tally"] += [from_store[4], pictures_tally]
+        write["embeddings"] += [from_store.rows]
+        write["failures"] += [from_store.failures, lost_pictures]
+        write["thumbnails"] += [from_store.thumbnails]
+        write["cache"] += [from_store.cache]
+        write["tally"] += [from_store.tally, pictures_tally]
 
     # Thumbnails for report.html: at most THUMBS_PER_JOB for the whole job,
     # whatever the number of worker processes that decoded.

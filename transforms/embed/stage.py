@@ -8,7 +8,10 @@ the model's raw pixels (268 kB at 299×299).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import apache_beam as beam
+from apache_beam.pvalue import PCollection
 
 from transforms.common.records import FAILURES
 from transforms.common.tally import TALLY
@@ -16,9 +19,18 @@ from transforms.embed.decode import THUMBNAILS, DecodeImages
 from transforms.embed.inference import Embed, ImageEmbedder
 
 
+class Embedded(NamedTuple):
+    """What `EmbedImages` makes, by name (Beam tags each output with its field)."""
+
+    rows: PCollection        # embedding rows
+    cache: PCollection       # embedding-cache rows (the store's, per model)
+    failures: PCollection    # failure rows of decoding and inference
+    thumbnails: PCollection  # small JPEGs for report.html
+    tally: PCollection       # counts
+
+
 class EmbedImages(beam.PTransform):
-    """Images (each the store's copy of one content, with its rows) →
-    (embedding rows, embedding-cache rows, failure rows, thumbnails, tally)."""
+    """Images (each the store's copy of one content, with its rows) → `Embedded`."""
 
     def __init__(self, handler: ImageEmbedder, fingerprint: str, run: str, *, resize: str,
                  size: int, max_pixels: int, decode_threads: int, batch_size: int):
@@ -29,14 +41,14 @@ class EmbedImages(beam.PTransform):
         self._decode = DecodeImages(resize, max_pixels, decode_threads,
                                     lookahead=2 * batch_size, run=run, size=size)
 
-    def expand(self, images):
+    def expand(self, images) -> Embedded:
         decoded = (images | "Decode" >> beam.ParDo(self._decode)
                    .with_outputs(FAILURES, TALLY, THUMBNAILS, main="pixels"))
         rows, embed_failures, embed_tally, cache = decoded.pixels | "Embed" >> Embed(
             self._handler, self._fingerprint, self._run)
         failures = (decoded[FAILURES], embed_failures) | "Failures" >> beam.Flatten()
         tally = (decoded[TALLY], embed_tally) | "Tally" >> beam.Flatten()
-        return rows, cache, failures, decoded[THUMBNAILS], tally
+        return Embedded(rows, cache, failures, decoded[THUMBNAILS], tally)
 
 
 class ByContent(beam.PTransform):

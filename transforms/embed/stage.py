@@ -8,7 +8,11 @@ the model's raw pixels (268 kB at 299×299).
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import apache_beam as beam
+
+from transforms.common.lease import LeaseRef
 
 from transforms.common.records import FAILURES
 from transforms.common.tally import TALLY
@@ -18,16 +22,21 @@ from transforms.embed.inference import Embed, ImageEmbedder
 
 class EmbedImages(beam.PTransform):
     """Images (each the store's copy of one content, with its rows) →
-    (embedding rows, embedding-cache rows, failure rows, thumbnails, tally)."""
+    (embedding rows, embedding-cache rows, failure rows, thumbnails, tally).
+
+    `leases`: a distributed job's leases, renewed by the processes decoding
+    (transforms/common/lease.py)."""
 
     def __init__(self, handler: ImageEmbedder, fingerprint: str, run: str, *, resize: str,
-                 size: int, max_pixels: int, decode_threads: int, batch_size: int):
+                 size: int, max_pixels: int, decode_threads: int, batch_size: int,
+                 leases: Sequence[LeaseRef] = ()):
         super().__init__()
         self._handler = handler
         self._fingerprint = fingerprint
         self._run = run
         self._decode = DecodeImages(resize, max_pixels, decode_threads,
-                                    lookahead=2 * batch_size, run=run, size=size)
+                                    lookahead=2 * batch_size, run=run, size=size,
+                                    leases=leases)
 
     def expand(self, images):
         decoded = (images | "Decode" >> beam.ParDo(self._decode)

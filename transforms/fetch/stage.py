@@ -59,7 +59,12 @@ from transforms.fetch.outcome import FetchResult
 from transforms.fetch.politeness import shared
 from transforms.fetch.results import copy_of, image, outputs, store_entries
 from transforms.fetch.scheduler import HostScheduler, Job
-from transforms.fetch.work_items import ShardItem, WorkItemTracker, shard_items, work_item_size
+from transforms.fetch.work_items import (
+    ShardItem,
+    WorkItemTracker,
+    cached_shard_items,
+    work_item_size,
+)
 from transforms.store.copies import StoredCopy
 from transforms.store.layout import ImageStore
 from transforms.store.writing import StoreWriter, stored_copies_in_run, stored_entries_in_run
@@ -309,7 +314,8 @@ class FetchWorkItems(FetchHostShards, RestrictionProvider):
     # -- the restriction: positions over the group's distinct URLs
 
     def initial_restriction(self, element) -> OffsetRange:
-        return OffsetRange(0, len(shard_items(element[1], self.config)))
+        return OffsetRange(0, len(cached_shard_items(self._run, tuple(element[0]), element[1],
+                                                     self.config)))
 
     def create_tracker(self, restriction: OffsetRange) -> WorkItemTracker:
         return WorkItemTracker(restriction)
@@ -328,7 +334,7 @@ class FetchWorkItems(FetchHostShards, RestrictionProvider):
                 tracker=beam.DoFn.RestrictionParam()):  # last: Beam passes it by name
         lease.check(self._leases)  # no new work for a run that lost its folder
         (host, shard), tasks = element
-        items = shard_items(tasks, self.config)
+        items = cached_shard_items(self._run, (host, shard), tasks, self.config)
         span = tracker.current_restriction()
         budget = (self.config.shard_budgets(host)[shard] if host != INVALID_HOST
                   else None)

@@ -82,3 +82,47 @@ def test_a_killed_launchers_job_keeps_its_output_until_it_ends(tmp_path, tiny_mo
                                text=True, timeout=300)
         assert third.returncode == 0, third.stderr
     assert hits() == IMAGES  # the third run found everything stored
+
+
+def test_a_job_whose_lease_was_given_back_stops_fetching(tmp_path, tiny_model):
+    """Ctrl-C on the portable runner: Beam's local job service answers the
+    cancellation with CANCELLED but goes on running the job, so the launcher
+    gives the lease back while the workers still fetch. Their next renewal
+    finds the lease gone, never recreates it, and the fetch stage refuses the
+    next work item: the job stops fetching long before its URLs are done."""
+    from pipeline.demo.sample_data import Media, Occurrence, jpeg_bytes, synthetic_photo
+    from pipeline.demo.sample_data import write_dwca
+    images = 40
+    env = dict(os.environ, GBIF_EMBED_LEASE_SECONDS="2")
+    with FaultServer() as server, portable_runner() as flags:
+        for i in range(images):
+            server.add(f"/g/{i}.jpg", jpeg_bytes(synthetic_photo(i, size=(100, 80))),
+                       delay=0.5)
+        occurrences = [Occurrence(gbifID=10 + i, occurrenceID=f"o{i}", datasetKey="d",
+                                  taxonKey=1, scientificName="S") for i in range(images)]
+        export = write_dwca(str(tmp_path / "e.zip"), occurrences,
+                            [Media(10 + i, server.url(f"/g/{i}.jpg")) for i in range(images)])
+        output = str(tmp_path / "out")
+        command = [os.path.join(os.path.dirname(sys.executable), "gbif-embed"), "run",
+                   "--export", export, "--model", tiny_model, "--output", output, "--quiet",
+                   "--per_host_concurrency", "1", "--per_host_rate", "1",
+                   "--fetch_work_item_seconds", "2", *flags, *LOOPBACK]
+
+        def hits() -> int:
+            return sum(server.hits(f"/g/{i}.jpg") for i in range(images))
+
+        launcher = subprocess.Popen(command, cwd=str(ROOT), env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 240
+        while hits() < 3:
+            assert launcher.poll() is None and time.time() < deadline, launcher.communicate()
+            time.sleep(0.2)
+        launcher.send_signal(signal.SIGINT)
+        _, stderr = launcher.communicate(timeout=180)
+        assert launcher.returncode == 130, stderr
+        assert "the lease is given back" in stderr, stderr  # the job service's CANCELLED
+        time.sleep(8)  # a renewal (every 0.5 s here) and a work item (2 s) later
+        stopped = hits()
+        time.sleep(8)
+        assert hits() == stopped < images  # no new work item started
+        assert not os.path.exists(os.path.join(output, LEASE))  # never recreated

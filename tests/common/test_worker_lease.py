@@ -152,7 +152,9 @@ def test_a_lease_kept_until_its_job_ends_expires_after_its_workers_stop(tmp_path
     renewer.let_go([launcher.ref()])
     assert _wait(lambda: not renewer.running(), 2)
     time.sleep(1.2)
-    Lease(path, "snapshot-next").acquire()
+    after = Lease(path, "snapshot-next")
+    after.acquire()
+    after.release()
 
 
 def test_a_storage_error_does_not_end_the_renewals(tmp_path, monkeypatch):
@@ -182,6 +184,29 @@ def test_a_storage_error_does_not_end_the_renewals(tmp_path, monkeypatch):
     assert _wait(lambda: renewer.renewals > before, 3)
     assert _read(path)["renewed_by"]["role"] == "worker"
     renewer.let_go([launcher.ref()])
+
+
+def test_a_process_renews_only_the_leases_its_stages_still_use(tmp_path, monkeypatch):
+    """A worker process that outlives its job (a worker pool's may) and runs
+    the next job's stages never keeps the finished job's lease alive."""
+    monkeypatch.setattr(lease_module, "TTL_S", 1.0)
+    finished, running = (Lease(str(tmp_path / name), f"snapshot-{name}", workers=True)
+                         for name in ("finished", "running"))
+    for launcher in (finished, running):
+        launcher.acquire()
+        _launcher_stopped(launcher)
+    renewer = WorkerRenewer()
+    renewer.keep_alive([finished.ref()])
+    renewer.keep_alive([running.ref()])
+    renewer.let_go([finished.ref()])  # the first job's stages were torn down
+    time.sleep(2.5)
+    assert time.time() - _read(str(tmp_path / "finished"))["renewed_at_s"] > 2.0
+    assert time.time() - _read(str(tmp_path / "running"))["renewed_at_s"] < 1.0
+    after = Lease(str(tmp_path / "finished"), "snapshot-next")
+    after.acquire()  # expired
+    after.release()
+    renewer.let_go([running.ref()])
+    assert _wait(lambda: not renewer.running(), 2)
 
 
 LAUNCHER = """

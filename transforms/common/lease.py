@@ -50,6 +50,7 @@ through `pipeline/lease.py` and `pipeline/store_guard.py`.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import fcntl
@@ -487,15 +488,18 @@ class WorkerRenewer:
     """One worker process's renewals of its job's leases: a daemon thread that
     runs while at least one user (a DoFn set up in this process) holds on.
 
-    `keep_alive` (from a DoFn's `setup`) adds users and leases and starts the
-    thread if none runs; `let_go` (from `teardown`) removes a user, and the
-    thread ends once none is left. A lease found lost stays lost in this
-    process: `check` raises `LeaseLost` for it from then on. Storage errors are
-    logged and retried at the next period; they never end the thread."""
+    `keep_alive` (from a DoFn's `setup`) adds a user of its leases and starts
+    the thread if none runs; `let_go` (from `teardown`) removes it. A lease is
+    renewed while it has users (so a process that outlives its job, as a
+    worker pool's may, never renews a finished job's lease for the next
+    job), and the thread ends once no lease has any. A lease found lost stays
+    lost in this process: `check` raises `LeaseLost` for it from then on.
+    Storage errors are logged and retried at the next period; they never end
+    the thread."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._users = 0
+        self._users: collections.Counter = collections.Counter()  # by token
         self._refs: dict[str, LeaseRef] = {}  # by token
         self.lost: dict[str, str] = {}  # token → why
         self._thread: Optional[threading.Thread] = None
@@ -508,10 +512,10 @@ class WorkerRenewer:
         if not refs:
             return
         with self._lock:
-            self._users += 1
             new = [ref for ref in refs if ref.token not in self._refs]
-            for ref in new:
+            for ref in refs:
                 self._refs[ref.token] = ref
+                self._users[ref.token] += 1
         for ref in new:  # a process started after the lease was lost learns it at once
             try:
                 _check_token(ref, _read(join(ref.folder, LEASE))[0])
@@ -527,11 +531,12 @@ class WorkerRenewer:
                 self._thread.start()
 
     def let_go(self, refs: Iterable[LeaseRef]) -> None:
-        if not list(refs):
-            return
         with self._lock:
-            self._users = max(0, self._users - 1)
-            if self._users == 0:
+            for ref in refs:
+                token = LeaseRef(*ref).token
+                if self._users[token] > 0:
+                    self._users[token] -= 1
+            if not self._live():
                 self._wake.set()
 
     def check(self, refs: Iterable[LeaseRef]) -> None:
@@ -542,10 +547,9 @@ class WorkerRenewer:
                 raise LeaseLost(why)
 
     def _live(self) -> list[LeaseRef]:
-        """The leases to renew now (none once no user is left); called with the lock held."""
-        if self._users == 0:
-            return []
-        return [ref for token, ref in self._refs.items() if token not in self.lost]
+        """The leases to renew now: those with users, not lost; called with the lock held."""
+        return [ref for token, ref in self._refs.items()
+                if self._users[token] > 0 and token not in self.lost]
 
     def _run(self) -> None:
         while True:

@@ -579,7 +579,11 @@ class WorkerRenewer:
 
     def _lose(self, ref: LeaseRef, why: str) -> None:
         self.lost.setdefault(ref.token, why)
-        log.error("lease lost: %s", why)
+        # Gone is also how every job ends (its launcher gives the lease back
+        # while idle workers may still be set up): worth an error only when
+        # another run took it.
+        log.log(logging.ERROR if "another run took" in why else logging.INFO,
+                "lease no longer renewed by this worker: %s", why)
 
     def running(self) -> bool:
         thread = self._thread

@@ -62,7 +62,7 @@ def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: 
                           threads=inference_threads, precision=precision),
             model.fingerprint, snapshot, resize=opts.resize, size=model.spec.image_size,
             max_pixels=opts.max_image_pixels, decode_threads=opts.decode_threads,
-            batch_size=opts.batch_size, leases=leases)
+            batch_size=opts.batch_size, leases=tuple(leases))
         hints = {k: v for k, v in (("min_ram", opts.inference_min_ram),
                                    ("accelerator", opts.accelerator)) if v}
         return stage.with_resource_hints(**hints) if hints and distributed else stage

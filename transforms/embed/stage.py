@@ -8,12 +8,9 @@ the model's raw pixels (268 kB at 299×299).
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import apache_beam as beam
 
 from transforms.common.lease import LeaseRef
-
 from transforms.common.records import FAILURES
 from transforms.common.tally import TALLY
 from transforms.embed.decode import THUMBNAILS, DecodeImages
@@ -22,14 +19,11 @@ from transforms.embed.inference import Embed, ImageEmbedder
 
 class EmbedImages(beam.PTransform):
     """Images (each the store's copy of one content, with its rows) →
-    (embedding rows, embedding-cache rows, failure rows, thumbnails, tally).
-
-    `leases`: a distributed job's leases, renewed by the processes decoding
-    (transforms/common/lease.py)."""
+    (embedding rows, embedding-cache rows, failure rows, thumbnails, tally)."""
 
     def __init__(self, handler: ImageEmbedder, fingerprint: str, run: str, *, resize: str,
                  size: int, max_pixels: int, decode_threads: int, batch_size: int,
-                 leases: Sequence[LeaseRef] = ()):
+                 leases: tuple[LeaseRef, ...] = ()):  # a distributed job's, kept alive
         super().__init__()
         self._handler = handler
         self._fingerprint = fingerprint

@@ -23,6 +23,7 @@ import apache_beam as beam
 
 from pipeline.model_check import RunModel
 from pipeline.options import GbifEmbedOptions, fetch_config
+from transforms.common.lease import LeaseRef
 from transforms.common.records import NOT_MODIFIED
 from transforms.common.tally import MergeTallies
 from transforms.compare.planned import ReadPlannedTasks
@@ -43,10 +44,12 @@ def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: 
           model: RunModel, precision: str, store: str, inference_threads: int,
           distributed: bool = False, local_processes: int = 1,
           previous_folder: Optional[str] = None, resume_folders: Sequence[str] = (),
-          plan: Optional[Plan] = None) -> None:
+          plan: Optional[Plan] = None, leases: Sequence[LeaseRef] = ()) -> None:
     """`plan`: what planning left to do (transforms/compare/planning.py);
     `previous_folder` and `resume_folders` were planning's inputs; `precision`:
-    the job's, decided at launch (pipeline/precision_choice.py)."""
+    the job's, decided at launch (pipeline/precision_choice.py); `leases`: the
+    output's and the store's, which a distributed job's fetch and embed
+    workers renew while they run (transforms/common/lease.py)."""
     folder = join(opts.output, snapshot)
     every = (opts.checkpoint_rows, opts.checkpoint_seconds)
     schemas = {"embeddings": embedding_schema(model.spec.width), "failures": FAILURE_SCHEMA,
@@ -59,7 +62,7 @@ def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: 
                           threads=inference_threads, precision=precision),
             model.fingerprint, snapshot, resize=opts.resize, size=model.spec.image_size,
             max_pixels=opts.max_image_pixels, decode_threads=opts.decode_threads,
-            batch_size=opts.batch_size)
+            batch_size=opts.batch_size, leases=tuple(leases))
         hints = {k: v for k, v in (("min_ram", opts.inference_min_ram),
                                    ("accelerator", opts.accelerator)) if v}
         return stage.with_resource_hints(**hints) if hints and distributed else stage
@@ -71,7 +74,8 @@ def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: 
     plan_tally = p | "PlanTally" >> beam.Create([plan.tally])
     fetched = to_fetch | "Fetch" >> FetchImages(
         fetch_config(opts, local_processes), store, snapshot, every,
-        work_item_seconds=opts.fetch_work_item_seconds if distributed else None)
+        work_item_seconds=opts.fetch_work_item_seconds if distributed else None,
+        leases=leases)
     changed, unchanged, split_tally = ((fetched.images, fetched[NOT_MODIFIED])
                                        | "SplitUnchanged" >> SplitUnchanged())
     if distributed:

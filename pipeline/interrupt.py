@@ -19,6 +19,7 @@ from typing import Iterator, Optional, Sequence
 import fsspec
 import pyarrow.parquet as pq
 
+from transforms.common import lease as lease_ttl
 from transforms.write.compact import part_files
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -114,7 +115,9 @@ def cancel(job, signum: int, folder: str, argv: Optional[Sequence[str]], leases:
     return RunStopped(
         f"{cause}: could not see the job {name} end ({detail}); it may still be running, "
         f"so its lease stays until it ends: {', '.join(kept_for)}. Cancel the job in its "
-        f"runner's console, then delete the lease file(s) before running again.\n{resume}",
+        f"runner's console: its workers keep the lease while they run, and it expires "
+        f"{lease_ttl.TTL_S:.0f} s after the last one stops (delete the lease file(s) only if the "
+        f"job never started a worker).\n{resume}",
         code)
 
 

@@ -99,8 +99,10 @@ def run(options: PipelineOptions, argv: Optional[Sequence[str]] = None) -> dict:
     command = " ".join(["gbif-embed", "run", *(argv or [])])
     with contextlib.ExitStack() as held:
         leases = [] if dry_run else [
-            held.enter_context(lease.held(opts.output, snapshot, command)),
-            held.enter_context(store_guard.held(store, snapshot, opts.output, command))]
+            held.enter_context(lease.held(opts.output, snapshot, command,
+                                          workers=runner is None)),
+            held.enter_context(store_guard.held(store, snapshot, opts.output, command,
+                                                workers=runner is None))]
         for taken in leases:
             taken.on_lost = _interrupt_main
         return _run(options, argv, opts, model, previous, identity, runner, store, snapshot,
@@ -147,7 +149,8 @@ def _run(options: PipelineOptions, argv: Optional[Sequence[str]], opts: GbifEmbe
                 inference_threads=_inference_threads(options),
                 distributed=runner is None, local_processes=_local_processes(options),
                 previous_folder=join(opts.output, previous) if mode == "refresh" else None,
-                resume_folders=[join(opts.output, name) for name in resumed], plan=plan)
+                resume_folders=[join(opts.output, name) for name in resumed], plan=plan,
+                leases=[taken.ref() for taken in leases] if runner is None else ())
     submitted = time.monotonic()
     job = None
     with stoppable(True) as signals:

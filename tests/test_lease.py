@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from pipeline import lease as lease_module
-from pipeline.lease import LEASE, Lease, LeaseHeld, held
+from transforms.common import lease as lease_module
+from transforms.common.lease import LEASE, Lease, LeaseHeld, held
 from tests.conftest import LOOPBACK, ROOT
 from tests.http_server import FaultServer
 

@@ -276,3 +276,34 @@ def test_a_negative_work_item_length_is_one_clear_line(tmp_path):
         run(PipelineOptions(["--export", str(tmp_path / "e.zip"), "--model", "m",
                              "--output", str(tmp_path / "out"),
                              "--fetch_work_item_seconds", "-1"]))
+
+
+def test_a_shards_positions_are_built_once_for_all_its_work_items(server, tmp_path):
+    """Each work item of a shard needs the shard's sorted URLs; the process
+    builds them for its first and keeps them for the next (each handed back by
+    the runner as an equal element, not the same object); another shard, or
+    other tasks under the same key, get their own."""
+    import copy
+
+    from transforms.fetch import work_items
+    from transforms.fetch.work_items import cached_shard_items
+    urls = [server.add(f"/c/{i}.jpg", JPEG) for i in range(12)]
+    cfg = config(per_host_concurrency=1, per_host_rate=8.0)
+    tasks = [_task(i, u) for i, u in enumerate(urls)]
+    fn = FetchWorkItems(cfg, str(tmp_path / "store"), "snapshot-c", every=(50, 5.0),
+                        work_item_seconds=0.5)  # 4 URLs a work item at 8/s
+    fn.setup()
+    built = work_items.BUILT[0]
+    harness = _Harness(fn, (("127.0.0.1", 0), tasks))
+    fetched = 0
+    while harness.restriction is not None:
+        harness.element = (("127.0.0.1", 0), copy.deepcopy(tasks))
+        fetched += len(_outputs(harness.finish(*harness.start()))[0])
+        assert work_items.BUILT[0] == built + 1  # the first work item's list, reused
+    assert fetched == 12 and [server.hits(f"/c/{i}.jpg") for i in range(12)] == [1] * 12
+    assert fn.initial_restriction((("127.0.0.1", 1), tasks[:5])) == OffsetRange(0, 5)
+    assert work_items.BUILT[0] == built + 2  # another shard
+    fewer = cached_shard_items("snapshot-c", ("127.0.0.1", 0), tasks[:6], cfg)
+    assert [item.url for item in fewer] == sorted(urls[:6])  # never the stale twelve
+    assert work_items.BUILT[0] == built + 3
+    fn.teardown()

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import io
 import threading
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 from apache_beam.pvalue import TaggedOutput
 from PIL import Image
 
 from transforms.common.concurrency import ThreadedDoFn
+from transforms.common import lease
 from transforms.common.images import facts_of
+from transforms.common.lease import LeaseRef
 from transforms.common.pictures import DecodeError, center_square, decode_rgb
 from transforms.common.records import FAILURES, failures_of
 
@@ -88,12 +90,21 @@ class DecodeImages(ThreadedDoFn):
 
     def __init__(self, resize: str = "squash", max_pixels: int = 100_000_000,
                  threads: int = 2, lookahead: int = DECODE_LOOKAHEAD, run: str = "",
-                 size: int = SIZE):
+                 size: int = SIZE, leases: Sequence[LeaseRef] = ()):
         super().__init__(threads=threads, lookahead=lookahead)
+        self._leases = tuple(leases)  # a distributed job's: renewed while this is set up
         self._resize = resize
         self._size = size
         self._max_pixels = max_pixels
         self._run = run  # the run the thumbnails are counted for
+
+    def setup(self):
+        super().setup()
+        lease.keep_alive(self._leases)  # this process renews the job's leases meanwhile
+
+    def teardown(self):
+        lease.let_go(self._leases)
+        super().teardown()
 
     def work(self, fetched: dict) -> Iterable:
         """Never raises: any error on a picture's path ends as its rows' failure

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import apache_beam as beam
 from apache_beam.pvalue import PCollection
 
+from transforms.common.lease import LeaseRef
 from transforms.common.records import FAILURES
 from transforms.common.tally import TALLY
 from transforms.embed.decode import THUMBNAILS, DecodeImages
@@ -33,13 +34,15 @@ class EmbedImages(beam.PTransform):
     """Images (each the store's copy of one content, with its rows) → `Embedded`."""
 
     def __init__(self, handler: ImageEmbedder, fingerprint: str, run: str, *, resize: str,
-                 size: int, max_pixels: int, decode_threads: int, batch_size: int):
+                 size: int, max_pixels: int, decode_threads: int, batch_size: int,
+                 leases: tuple[LeaseRef, ...] = ()):  # a distributed job's, kept alive
         super().__init__()
         self._handler = handler
         self._fingerprint = fingerprint
         self._run = run
         self._decode = DecodeImages(resize, max_pixels, decode_threads,
-                                    lookahead=2 * batch_size, run=run, size=size)
+                                    lookahead=2 * batch_size, run=run, size=size,
+                                    leases=leases)
 
     def expand(self, images) -> Embedded:
         decoded = (images | "Decode" >> beam.ParDo(self._decode)

@@ -40,7 +40,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.io.restriction_trackers import OffsetRange
@@ -48,7 +48,8 @@ from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.utils.windowed_value import WindowedValue
 
-from transforms.common import progress
+from transforms.common import lease, progress
+from transforms.common.lease import LeaseRef
 from transforms.common.records import FAILURES, NOT_MODIFIED, failure
 from transforms.common.tally import TALLY, Tally, latency_key, tally_outputs
 from transforms.fetch.config import FetchConfig, fetch_url, host_of
@@ -58,7 +59,12 @@ from transforms.fetch.outcome import FetchResult
 from transforms.fetch.politeness import shared
 from transforms.fetch.results import copy_of, image, outputs, store_entries
 from transforms.fetch.scheduler import HostScheduler, Job
-from transforms.fetch.work_items import ShardItem, WorkItemTracker, shard_items, work_item_size
+from transforms.fetch.work_items import (
+    ShardItem,
+    WorkItemTracker,
+    cached_shard_items,
+    work_item_size,
+)
 from transforms.store.copies import StoredCopy
 from transforms.store.layout import ImageStore
 from transforms.store.writing import StoreWriter, stored_copies_in_run, stored_entries_in_run
@@ -111,8 +117,9 @@ class FetchHostShards(beam.DoFn):
     """
 
     def __init__(self, config: FetchConfig, store: Optional[str] = None, run: str = "",
-                 every: tuple[int, float] = (500, 5.0)):
+                 every: tuple[int, float] = (500, 5.0), leases: Sequence[LeaseRef] = ()):
         self.config = config
+        self._leases = tuple(leases)  # a distributed job's: renewed while this is set up
         self._store_root = store
         self._run = run
         self._every = every
@@ -120,6 +127,7 @@ class FetchHostShards(beam.DoFn):
         self._scheduler: Optional[HostScheduler] = None
 
     def setup(self):
+        lease.keep_alive(self._leases)  # this process renews the job's leases meanwhile
         self._politeness = shared(*UNOWNED_LIMITS, self.config.host_overrides())
         self._fetcher = Fetcher(self.config, politeness=self._politeness)
         max_pixels = self.config.max_image_pixels
@@ -146,6 +154,7 @@ class FetchHostShards(beam.DoFn):
 
     def process(self, element, window=beam.DoFn.WindowParam,
                 timestamp=beam.DoFn.TimestampParam):
+        lease.check(self._leases)  # no new work for a run that lost its folder
         (host, shard), tasks = element
         by_url: dict[str, list[dict]] = {}
         for task in tasks:
@@ -218,6 +227,7 @@ class FetchHostShards(beam.DoFn):
         yield from tally_outputs(self.tally)
 
     def teardown(self):
+        lease.let_go(self._leases)
         self._release_grants()
         if self._scheduler is not None:
             self._scheduler.close()
@@ -296,14 +306,16 @@ class FetchWorkItems(FetchHostShards, RestrictionProvider):
     """
 
     def __init__(self, config: FetchConfig, store: Optional[str] = None, run: str = "",
-                 every: tuple[int, float] = (500, 5.0), work_item_seconds: float = 120.0):
-        super().__init__(config, store, run, every)
+                 every: tuple[int, float] = (500, 5.0), work_item_seconds: float = 120.0,
+                 leases: Sequence[LeaseRef] = ()):
+        super().__init__(config, store, run, every, leases)
         self.work_item_seconds = float(work_item_seconds)
 
     # -- the restriction: positions over the group's distinct URLs
 
     def initial_restriction(self, element) -> OffsetRange:
-        return OffsetRange(0, len(shard_items(element[1], self.config)))
+        return OffsetRange(0, len(cached_shard_items(self._run, tuple(element[0]), element[1],
+                                                     self.config)))
 
     def create_tracker(self, restriction: OffsetRange) -> WorkItemTracker:
         return WorkItemTracker(restriction)
@@ -320,8 +332,9 @@ class FetchWorkItems(FetchHostShards, RestrictionProvider):
     def process(self, element, window=beam.DoFn.WindowParam,
                 timestamp=beam.DoFn.TimestampParam,
                 tracker=beam.DoFn.RestrictionParam()):  # last: Beam passes it by name
+        lease.check(self._leases)  # no new work for a run that lost its folder
         (host, shard), tasks = element
-        items = shard_items(tasks, self.config)
+        items = cached_shard_items(self._run, (host, shard), tasks, self.config)
         span = tracker.current_restriction()
         budget = (self.config.shard_budgets(host)[shard] if host != INVALID_HOST
                   else None)
@@ -392,8 +405,9 @@ class FetchImages(beam.PTransform):
 
     def __init__(self, config: FetchConfig, store: Optional[str] = None, run: str = "",
                  every: tuple[int, float] = (500, 5.0),
-                 work_item_seconds: Optional[float] = None):
+                 work_item_seconds: Optional[float] = None, leases: Sequence[LeaseRef] = ()):
         super().__init__()
+        self._leases = tuple(leases)
         self._config = config
         self._store = store
         self._run = run
@@ -406,9 +420,9 @@ class FetchImages(beam.PTransform):
         # items of bounded length; the local runner fetches a shard in one
         # (there a failed bundle fails the run, and nothing is gained).
         fetch = (FetchWorkItems(config, self._store, self._run, self._every,
-                                self._work_item_seconds)
+                                self._work_item_seconds, self._leases)
                  if self._work_item_seconds else
-                 FetchHostShards(config, self._store, self._run, self._every))
+                 FetchHostShards(config, self._store, self._run, self._every, self._leases))
         return (tasks
                 | "ByHostShard" >> beam.Map(lambda task: (shard_key(task, config), task))
                 | "GroupByHostShard" >> beam.GroupByKey()

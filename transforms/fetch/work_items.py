@@ -20,6 +20,7 @@ restriction (the default of `RestrictionProvider.split`).
 """
 from __future__ import annotations
 
+import collections
 import json
 import threading
 from typing import Any, Iterable, NamedTuple, Optional
@@ -51,6 +52,37 @@ def shard_items(tasks: Iterable[dict], config: FetchConfig) -> list[ShardItem]:
     items = [ShardItem(url, rows) for url, rows in sorted(by_url.items())]
     items += [ShardItem(None, [task], error) for _, task, error in
               sorted(invalid, key=lambda entry: entry[0])]
+    return items
+
+
+# Shards whose positions this process keeps: a shard's work items follow one
+# another (often in this process), and rebuilding its sorted list each time
+# costs 1.3 s for 141,000 URLs. A few entries: each holds a shard's rows.
+CACHED_SHARDS = 2
+_cached: "collections.OrderedDict[tuple, list[ShardItem]]" = collections.OrderedDict()
+_cached_lock = threading.Lock()
+BUILT = [0]  # shard lists this process built (a cached one is not counted)
+
+
+def cached_shard_items(run: str, key: Any, tasks: Iterable[dict],
+                       config: FetchConfig) -> list[ShardItem]:
+    """`shard_items` of a (host, shard) group, built once per process for its
+    successive work items. A group is one element per run, so the run, the
+    group's key, the config and the tasks' identifiers in their order (30 ms
+    to read for 141,000 tasks) name it; any other element builds its own."""
+    tasks = tasks if isinstance(tasks, (list, tuple)) else list(tasks)
+    name = (run, key, config, tuple(task.get("identifier") for task in tasks))
+    with _cached_lock:
+        items = _cached.get(name)
+        if items is not None:
+            _cached.move_to_end(name)
+            return items
+    items = shard_items(tasks, config)
+    with _cached_lock:
+        BUILT[0] += 1
+        _cached[name] = items
+        while len(_cached) > CACHED_SHARDS:
+            _cached.popitem(last=False)
     return items
 
 

@@ -13,6 +13,9 @@ on pre-decoded batches, measured in this process before and after the run.
     model_change_efficiency = compute-only ideal ÷ wall time   (target ≥ 0.8)
 
     .venv/bin/python bench/model_change.py [--images 400] [--batch_size 16]
+        [--beam_arg=--direct_num_workers=2 --beam_arg=--direct_running_mode=multi_processing]
+
+`--beam_arg` options go to the second run only (its worker processes, say).
 
 Prints `model_change_requests=<requests the host saw during the second run>`
 (must be 0); the last line is `model_change_efficiency=<ratio>`.
@@ -50,6 +53,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=400)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--tight_seconds", type=float, default=12.0)
+    parser.add_argument("--beam_arg", action="append", default=[],
+                        help="a pipeline option for the second run (repeatable)")
     args = parser.parse_args()
     print(f"cpu                 {describe_cpu()}")
     from apache_beam.options.pipeline_options import PipelineOptions
@@ -79,7 +84,8 @@ def main() -> None:
             before = base_url.requests()
             with common.Meter() as run_meter:
                 second = launch.run(PipelineOptions(common.pipeline_args(
-                    export, second_model, output, args.batch_size, ["--report_samples", "0"])))
+                    export, second_model, output, args.batch_size,
+                    ["--report_samples", "0", *args.beam_arg])))
             requests = base_url.requests() - before
             with common.Meter() as meter:
                 tight.append(common.tight_loop(model.embed, batches, args.tight_seconds))
@@ -94,7 +100,8 @@ def main() -> None:
     phases = second["timings"]["phases"]
     print(f"{args.images} distinct URLs on one loopback host; first run with the tiny stand-in "
           f"filled the image store; second run with the inception_v4 stand-in, batch "
-          f"{args.batch_size}, in-process runner")
+          f"{args.batch_size}, "
+          + (" ".join(args.beam_arg) if args.beam_arg else "in-process runner"))
     print(f"second run: {counts['from_store']} rows from stored pictures, "
           f"{counts['inferences']} inferences, {requests} requests to the host; wall "
           f"{run_meter.wall:.1f} s ({run_meter.describe()}): start {phases['start_s']:.1f} s, "

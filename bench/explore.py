@@ -67,7 +67,7 @@ def generate(folder: str, rows: int, model_dir: str) -> str:
     import pyarrow.parquet as pq
     from pipeline.model_check import run_model
     from transforms.write.parts import embedding_schema
-    from transforms.write.snapshot import write_atomically
+    from transforms.common.files import write_atomically
     output = os.path.join(folder, "output")
     done = os.path.join(folder, "generated.json")
     if os.path.exists(done):

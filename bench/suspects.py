@@ -55,7 +55,7 @@ def swapped_copy(output: str, target: str, share: float, seed: int) -> set[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
     from pipeline.tools.query import open_snapshot
-    from transforms.write.snapshot import write_atomically
+    from transforms.common.files import write_atomically
     snapshot = open_snapshot(output)
     tables = [pq.read_table(path) for path in snapshot.files]
     ids = sorted({g for t in tables for g in t.column("gbifID").to_pylist()})

@@ -36,7 +36,8 @@ from transforms.fetch.stage import FetchImages
 from transforms.store.layout import ImageStore, cache_schema
 from transforms.store.lookup import ReadPlannedStored
 from transforms.write.parts import FAILURE_SCHEMA, THUMBNAIL_SCHEMA, WriteParquet, embedding_schema
-from transforms.write.snapshot import PublishSnapshot, join
+from transforms.common.files import join
+from transforms.write.snapshot import PublishSnapshot
 from transforms.write.thumbnails import KeepThumbnails
 
 

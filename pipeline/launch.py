@@ -31,13 +31,12 @@ from pipeline.summary import format_summary
 from transforms.compare.resume import RUN, resumable_runs
 from transforms.read.export import Archive, read_identity, read_spec
 from transforms.store.layout import default_store
+from transforms.common.files import join, write_atomically
 from transforms.write.snapshot import (
-    join,
     new_snapshot_name,
     read_incomplete,
     read_latest,
     read_manifest,
-    write_atomically,
 )
 
 LOCAL_RUNNERS = (None, "DirectRunner", "SwitchingDirectRunner")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from transforms.write.snapshot import join
+from transforms.common.files import join
 
 
 def format_summary(manifest: dict, output: str, report: Optional[str] = None) -> str:

@@ -25,7 +25,7 @@ from pipeline.gbif_download.request import (account_from_environment, check_down
                                             dataset_or_file, request_download)
 from pipeline.gbif_download.wait import wait_for
 from pipeline.interrupt import EXIT_CODES, Interrupted, RunStopped, stoppable
-from transforms.write.snapshot import join
+from transforms.common.files import join
 
 _GBIF_FLAGS = ("--gbif_dataset", "--gbif_predicate", "--gbif_download")
 # How long the API may stay unusable, in poll intervals (60 s: 15 minutes).

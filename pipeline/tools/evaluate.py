@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 from pipeline.tools.query import (GALLERY_BLOCK, QUERY_BLOCK, Neighbours, Snapshot, id_columns,
                                   iter_batches, iter_blocks, occurrence_ids, open_snapshot,
                                   search, vectors_at)
-from transforms.write.snapshot import join, write_atomically
+from transforms.common.files import join, write_atomically
 
 EVALUATION = "evaluation.json"
 KS = (1, 5, 10)

@@ -28,7 +28,8 @@ import pyarrow.parquet as pq
 from transforms.fetch.config import (DEFAULT_USER_AGENT, FetchConfig, mirrored, parse_mirrors,
                                      source_url)
 from transforms.fetch.fetcher import Fetcher
-from transforms.write.snapshot import join, read_latest, read_manifest
+from transforms.common.files import join
+from transforms.write.snapshot import read_latest, read_manifest
 
 GBIF_OCCURRENCE_URL = "https://www.gbif.org/occurrence/{gbif_id}"
 QUERY_BLOCK = 1024      # queries scored at once

@@ -44,7 +44,7 @@ from pipeline.tools.query import (QueryResult, Snapshot, id_columns, image_url, 
 from pipeline.tools.thumbnails import data_uri, has_store, kept_thumbnails, with_thumbnail
 from transforms.fetch.config import FetchConfig
 from transforms.fetch.fetcher import Fetcher
-from transforms.write.snapshot import join, write_atomically
+from transforms.common.files import join, write_atomically
 
 REPORT = "report.html"
 THUMB_PX = 240

@@ -20,7 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.tools.query import Snapshot, iter_batches
-from transforms.write.snapshot import join, read_manifest
+from transforms.common.files import join
+from transforms.write.snapshot import read_manifest
 from transforms.write.parts import THUMBNAIL_SCHEMA, write_table_atomically
 
 CARRIED = "thumbnails-carried.parquet"

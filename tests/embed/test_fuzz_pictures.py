@@ -16,7 +16,8 @@ from pipeline.demo.sample_data import Media, Occurrence, synthetic_photo, write_
 from tests.conftest import LOOPBACK
 from tests.http_server import FaultServer
 from transforms.write.parts import read_rows
-from transforms.write.snapshot import join, read_latest
+from transforms.common.files import join
+from transforms.write.snapshot import read_latest
 
 FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
 

@@ -16,7 +16,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.tools.evaluate import EvaluationError, evaluate, read_evaluation, write_evaluation
 from pipeline.tools.query import iter_blocks, normalize, open_snapshot, search, vectors_at
-from transforms.write.snapshot import join, write_atomically
+from transforms.common.files import join, write_atomically
 from transforms.write.parts import embedding_schema, to_table
 
 DIM = 64

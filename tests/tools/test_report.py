@@ -17,7 +17,7 @@ from pipeline.tools.evaluate import evaluate, write_evaluation
 from pipeline.tools.report import REPORT, write_report
 from pipeline.demo.sample_data import FUNGI, jpeg_bytes, synthetic_photo
 from tests.tools.test_evaluate import DIM, row, write_snapshot
-from transforms.write.snapshot import join
+from transforms.common.files import join
 
 SPECIES = 6
 PER_SPECIES = 4

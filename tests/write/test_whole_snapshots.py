@@ -16,15 +16,14 @@ from transforms.write.parts import (
     embedding_schema,
     parts_folder,
 )
+from transforms.common.files import join, write_atomically
 from transforms.write.snapshot import (
     INCOMPLETE,
     LATEST,
     MANIFEST,
-    join,
     publish,
     read_incomplete,
     read_latest,
-    write_atomically,
 )
 
 SCHEMAS = {"embeddings": embedding_schema(8), "failures": FAILURE_SCHEMA,

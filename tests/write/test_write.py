@@ -9,12 +9,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from transforms.common.files import write_atomically
 from transforms.write.snapshot import (
     LATEST,
     PublishSnapshot,
     read_latest,
     read_manifest,
-    write_atomically,
 )
 from transforms.common.tally import MergeTallies
 from transforms.write.parts import FAILURE_SCHEMA, WriteParquet, embedding_schema, to_table

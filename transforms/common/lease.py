@@ -67,7 +67,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple, Optional
 
 import fsspec
 
-from transforms.write.snapshot import join, write_atomically
+from transforms.common.files import join, write_atomically
 
 LEASE = "LEASE"
 GUARD = ".LEASE.guard"  # local: the file flock'ed; object stores: the folder of claims

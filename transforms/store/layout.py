@@ -29,6 +29,7 @@ from typing import Optional
 import fsspec
 import pyarrow as pa
 
+from transforms.common.files import write_atomically
 from transforms.store.copies import COPY_KEY
 
 IMAGES = "images"
@@ -120,7 +121,6 @@ class ImageStore:
 
     def write_description(self, description: dict) -> None:
         """store.json, written once by the first run that uses the store."""
-        from transforms.write.snapshot import write_atomically
         if self.describe() is None:
             write_atomically(posixpath.join(self.root, STORE_JSON),
                              json.dumps(description, indent=2))
@@ -128,7 +128,6 @@ class ImageStore:
     def record_copies(self, key: str, parameters: dict) -> None:
         """Adds how this run makes copies to store.json's `copies` (one entry
         per set of parameters the store's copies were made with)."""
-        from transforms.write.snapshot import write_atomically
         description = self.describe() or {}
         known = description.setdefault("copies", {})
         if known.get(key) != parameters:

@@ -22,6 +22,7 @@ import apache_beam as beam
 import fsspec
 import pyarrow.parquet as pq
 
+from transforms.common.files import join, write_atomically
 from transforms.write.compact import compact, part_files, remove_parts
 from transforms.compare.resume import still_resumable
 
@@ -34,10 +35,6 @@ def new_snapshot_name(now: Optional[datetime.datetime] = None) -> str:
     """Sortable and unique: runs started in the same second do not collide."""
     now = now or datetime.datetime.now(datetime.timezone.utc)
     return f"snapshot-{now:%Y%m%dT%H%M%S}.{now.microsecond:06d}Z-{uuid.uuid4().hex[:4]}"
-
-
-def join(output: str, *parts: str) -> str:
-    return posixpath.join(output.rstrip("/"), *parts)
 
 
 def read_latest(output: str) -> Optional[str]:
@@ -56,22 +53,6 @@ def read_manifest(output: str, snapshot: Optional[str] = None) -> dict:
         raise FileNotFoundError(f"{output} holds no snapshot (no {LATEST} file)")
     with fsspec.open(join(output, snapshot, MANIFEST), "r") as handle:
         return json.load(handle)
-
-
-def write_atomically(path: str, text: str) -> None:
-    """Readers see the old content or the new, never a half-written file."""
-    fs, _, (local,) = fsspec.get_fs_token_paths(path)
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
-        tmp = f"{local}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, local)
-        return
-    with fs.open(local, "w") as handle:  # object stores publish on close
-        handle.write(text)
 
 
 def summarize(tally: dict, embeddings: list, failures: list) -> dict:

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 from pipeline.tools.explore.index import Explorer, ensure_built
 from pipeline.tools.query import open_snapshot
-from transforms.write.snapshot import write_atomically
+from transforms.common.files import write_atomically
 
 DEFAULT_PORT = 8780
 
@@ -80,7 +80,7 @@ def suspects_command(argv: Sequence[str]) -> int:
     explorer = load(args.output, args.snapshot)
     table = suspects(explorer, args.k)
     from pipeline.tools.explore.index import cache_folder
-    from transforms.write.snapshot import join
+    from transforms.common.files import join
     path = args.csv or join(cache_folder(explorer.snapshot), "suspects.csv")
     write_atomically(path, to_csv(rows_of(explorer, table)))
     print(f"{table.num_rows:,} suspect records of {explorer.size:,} pictures in "

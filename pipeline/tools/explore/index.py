@@ -42,7 +42,7 @@ from pipeline.tools.explore.records import (LICENCE_CLASSES, RANKS, available_ra
 from pipeline.tools.query import (QueryError, Snapshot, embedding_matrix, iter_batches,
                                   normalize)
 from transforms.write.parts import write_table_atomically
-from transforms.write.snapshot import join, write_atomically
+from transforms.common.files import join, write_atomically
 
 _LOG = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from pipeline.tools.explore.index import FOLDER, Explorer, cache_folder
 from pipeline.tools.query import occurrence_link
 from transforms.write.parts import write_table_atomically
-from transforms.write.snapshot import join
+from transforms.common.files import join
 
 K = 10
 BATCH = 2048

@@ -105,10 +105,11 @@ def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: 
     # Each input is written in the stage that makes it: on the local runner a
     # Flatten of PCollections from different stages holds every row in memory.
     written = {kind: tuple(write[kind]) | f"Write{kind.title()}" >> WriteParquet(
-                   folder, kind, schemas[kind], *every)
+                   folder, kind, schemas[kind], *every, leases=leases)
                for kind in ("embeddings", "failures", "thumbnails")}
     cache_written = tuple(write["cache"]) | "WriteEmbeddingCache" >> WriteParquet(
-        cache_folder, snapshot, cache_schema(model.spec.width), *every, in_parts=False)
+        cache_folder, snapshot, cache_schema(model.spec.width), *every, in_parts=False,
+        leases=leases)
     failure_counts = [rows | f"CountFailures{i}" >> beam.Map(
                           lambda f: {f"failed.{f['stage']}.{f['reason']}": 1})
                       for i, rows in enumerate(write["failures"])]
@@ -119,4 +120,4 @@ def build(p: beam.Pipeline, opts: GbifEmbedOptions, *, snapshot: str, manifest: 
     done = ((written["embeddings"], written["thumbnails"], cache_written)
             | "AllWritten" >> beam.Flatten())
     _ = (done, written["failures"], tally) | "Publish" >> PublishSnapshot(
-        opts.output, snapshot, manifest, schemas, opts.keep_snapshots)
+        opts.output, snapshot, manifest, schemas, opts.keep_snapshots, leases=leases)

@@ -16,7 +16,7 @@ import os
 import posixpath
 import time
 import uuid
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -28,7 +28,8 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
-from transforms.common import progress
+from transforms.common import lease, progress
+from transforms.common.lease import LeaseRef
 
 COMPRESSION = "zstd"
 
@@ -248,14 +249,20 @@ class _WriteParts(beam.DoFn):
 
     def __init__(self, folder: str, prefix: str, schema: pa.Schema,
                  rows_per_part: int = ROWS_PER_PART,
-                 seconds_per_part: float = SECONDS_PER_PART, in_parts: bool = True):
+                 seconds_per_part: float = SECONDS_PER_PART, in_parts: bool = True,
+                 leases: Sequence[LeaseRef] = ()):
         self._folder = parts_folder(folder) if in_parts else folder
         self._prefix = prefix
         self._schema = schema
         self._every = (rows_per_part, seconds_per_part)
+        self._leases = tuple(leases)  # a distributed job's: renewed while this is set up
 
     def setup(self):
+        lease.keep_alive(self._leases)
         self._writer = PartWriter(self._folder, self._prefix, self._schema, *self._every[:2])
+
+    def teardown(self):
+        lease.let_go(self._leases)
 
     def process(self, row: dict):
         progress.report(self._prefix)
@@ -283,12 +290,13 @@ class WriteParquet(beam.PTransform):
 
     def __init__(self, folder: str, prefix: str, schema: pa.Schema,
                  rows_per_part: int = ROWS_PER_PART,
-                 seconds_per_part: float = SECONDS_PER_PART, in_parts: bool = True):
+                 seconds_per_part: float = SECONDS_PER_PART, in_parts: bool = True,
+                 leases: Sequence[LeaseRef] = ()):
         super().__init__()
         self._folder = folder
         self._prefix = prefix
         self._schema = schema
-        self._every = (rows_per_part, seconds_per_part, in_parts)
+        self._every = (rows_per_part, seconds_per_part, in_parts, tuple(leases))
 
     def expand(self, rows):
         if isinstance(rows, beam.PCollection):

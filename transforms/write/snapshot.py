@@ -16,13 +16,15 @@ import os
 import posixpath
 import time
 import uuid
-from typing import Optional
+from typing import Optional, Sequence
 
 import apache_beam as beam
 import fsspec
 import pyarrow.parquet as pq
 
+from transforms.common import lease
 from transforms.common.files import join, write_atomically
+from transforms.common.lease import LeaseRef
 from transforms.write.compact import compact, part_files, remove_parts
 from transforms.compare.resume import still_resumable
 
@@ -99,14 +101,23 @@ def summarize(tally: dict, embeddings: list, failures: list) -> dict:
 
 class _Publish(beam.DoFn):
     def __init__(self, output: str, snapshot: str, manifest: dict, schemas: dict,
-                 keep_snapshots: int = 0):
+                 keep_snapshots: int = 0, leases: Sequence[LeaseRef] = ()):
         self._output = output
         self._snapshot = snapshot
         self._manifest = manifest
         self._schemas = schemas
         self._keep = keep_snapshots
+        self._leases = tuple(leases)  # a distributed job's: renewed while this is set up
+
+    def setup(self):
+        lease.keep_alive(self._leases)
+
+    def teardown(self):
+        lease.let_go(self._leases)
 
     def process(self, _, embeddings, failures, tally):
+        # A job whose output another run took over never moves its LATEST.
+        lease.check(self._leases)
         # The side inputs only make this step wait for the writers: the files
         # are what the parts folder holds, retried bundles' parts included.
         yield publish(self._output, self._snapshot, self._manifest, self._schemas, tally,
@@ -296,9 +307,9 @@ class PublishSnapshot(beam.PTransform):
     """Runs once, after both writers finished: the side inputs wait for them."""
 
     def __init__(self, output: str, snapshot: str, manifest: dict, schemas: dict,
-                 keep_snapshots: int = 0):
+                 keep_snapshots: int = 0, leases: Sequence[LeaseRef] = ()):
         super().__init__()
-        self._args = (output, snapshot, manifest, schemas, keep_snapshots)
+        self._args = (output, snapshot, manifest, schemas, keep_snapshots, tuple(leases))
 
     def expand(self, written):
         embeddings, failures, tally = written

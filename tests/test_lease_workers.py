@@ -29,18 +29,25 @@ def _lease(output: str) -> dict:
         return {}
 
 
-def test_a_killed_launchers_job_keeps_its_output_until_it_ends(tmp_path, tiny_model):
+def _slow_export(server: FaultServer, tmp_path, prefix: str, images: int,
+                 delay: float) -> str:
+    """An export of `images` occurrences whose pictures `server` answers after
+    `delay` seconds each, under `/prefix/`."""
     from pipeline.demo.sample_data import Media, Occurrence, jpeg_bytes, synthetic_photo
     from pipeline.demo.sample_data import write_dwca
+    for i in range(images):
+        server.add(f"/{prefix}/{i}.jpg", jpeg_bytes(synthetic_photo(i, size=(100, 80))),
+                   delay=delay)
+    occurrences = [Occurrence(gbifID=10 + i, occurrenceID=f"o{i}", datasetKey="d",
+                              taxonKey=1, scientificName="S") for i in range(images)]
+    return write_dwca(str(tmp_path / "e.zip"), occurrences,
+                      [Media(10 + i, server.url(f"/{prefix}/{i}.jpg")) for i in range(images)])
+
+
+def test_a_killed_launchers_job_keeps_its_output_until_it_ends(tmp_path, tiny_model):
     env = dict(os.environ, GBIF_EMBED_LEASE_SECONDS=str(TTL_S))
     with FaultServer() as server, portable_runner() as flags:
-        for i in range(IMAGES):
-            server.add(f"/w/{i}.jpg", jpeg_bytes(synthetic_photo(i, size=(100, 80))),
-                       delay=1.0)
-        occurrences = [Occurrence(gbifID=10 + i, occurrenceID=f"o{i}", datasetKey="d",
-                                  taxonKey=1, scientificName="S") for i in range(IMAGES)]
-        export = write_dwca(str(tmp_path / "e.zip"), occurrences,
-                            [Media(10 + i, server.url(f"/w/{i}.jpg")) for i in range(IMAGES)])
+        export = _slow_export(server, tmp_path, "w", IMAGES, delay=1.0)
         output = str(tmp_path / "out")
         command = [os.path.join(os.path.dirname(sys.executable), "gbif-embed"), "run",
                    "--export", export, "--model", tiny_model, "--output", output, "--quiet",
@@ -90,18 +97,10 @@ def test_a_job_whose_lease_was_given_back_stops_fetching(tmp_path, tiny_model):
     gives the lease back while the workers still fetch. Their next renewal
     finds the lease gone, never recreates it, and the fetch stage refuses the
     next work item: the job stops fetching long before its URLs are done."""
-    from pipeline.demo.sample_data import Media, Occurrence, jpeg_bytes, synthetic_photo
-    from pipeline.demo.sample_data import write_dwca
     images = 40
     env = dict(os.environ, GBIF_EMBED_LEASE_SECONDS="2")
     with FaultServer() as server, portable_runner() as flags:
-        for i in range(images):
-            server.add(f"/g/{i}.jpg", jpeg_bytes(synthetic_photo(i, size=(100, 80))),
-                       delay=0.5)
-        occurrences = [Occurrence(gbifID=10 + i, occurrenceID=f"o{i}", datasetKey="d",
-                                  taxonKey=1, scientificName="S") for i in range(images)]
-        export = write_dwca(str(tmp_path / "e.zip"), occurrences,
-                            [Media(10 + i, server.url(f"/g/{i}.jpg")) for i in range(images)])
+        export = _slow_export(server, tmp_path, "g", images, delay=0.5)
         output = str(tmp_path / "out")
         command = [os.path.join(os.path.dirname(sys.executable), "gbif-embed"), "run",
                    "--export", export, "--model", tiny_model, "--output", output, "--quiet",

@@ -36,14 +36,15 @@ as Ctrl-C does, keeping its work.
 On a distributed runner the job outlives its launcher (Ctrl-C that cannot
 cancel it, SIGKILL, a lost laptop), so the lease must live as long as the
 job, not as the launcher: the launcher hands each lease's `LeaseRef` (folder,
-token, TTL) to the graph, and every worker process running the fetch or the
-embed stage renews it too (`keep_alive`, one daemon thread per process,
-running while a DoFn of those stages is set up there). A worker renews only
+token, TTL) to the graph, and every worker process running the fetch, embed
+or write stage or the publishing step renews it too (`keep_alive`, one daemon
+thread per process, running while a DoFn of those stages is set up there). A worker renews only
 a lease that still carries the job's token: one that is gone (given back at
 the job's end, or removed by hand) or taken by another run is never
 recreated; the process marks it lost and the fetch stage refuses new work
 (`check` raises `LeaseLost`), so the job fails rather than fetch for a run
-that no longer holds its folder. Such a lease is judged by its expiry only,
+that no longer holds its folder, and the publishing step does the same
+before it moves LATEST. Such a lease is judged by its expiry only,
 never by its launcher's pid: it expires TTL after the job's last worker
 stops renewing. This module is the one implementation; the launcher uses it
 through `pipeline/lease.py` and `pipeline/store_guard.py`.

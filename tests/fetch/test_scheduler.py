@@ -78,3 +78,28 @@ def test_results_waiting_for_the_after_step_count_against_max_ready():
             fetcher.close()
         assert started <= 2 + 4 - 1  # at most max_ready waiting, plus those in flight then
         assert len(done) == 6
+
+
+def test_a_host_at_its_limit_never_holds_the_threads_from_other_hosts():
+    """Three fetch threads pull their own jobs: the slow host, limited to one
+    connection, keeps one of them at a time, and the other host's jobs go
+    through the other two meanwhile, not after it."""
+    with FaultServer() as server:
+        slow = [server.add(f"/slow/{i}.jpg", JPEG, delay=0.5) for i in range(3)]
+        fast = [server.add(f"/fast/{i}.jpg", JPEG) for i in range(6)]
+        fetcher = Fetcher(config(fetch_concurrency=3, per_host_concurrency=3))
+        scheduler = HostScheduler(fetcher, Politeness(2, 0, overrides={"slow": (1, 0)}),
+                                  threads=3)
+        try:
+            for url in slow:
+                scheduler.submit(Job("slow", url))
+            for url in fast:
+                scheduler.submit(Job("fast", url))
+            order = [job.host for job, _, _ in _drain(scheduler)]
+        finally:
+            scheduler.close()
+            fetcher.close()
+        assert sorted(order) == ["fast"] * 6 + ["slow"] * 3
+        assert order.index("slow") >= 6  # every fast one ended before the first slow one
+        starts = sorted(t for i in range(3) for t in server.hit_times(f"/slow/{i}.jpg"))
+        assert all(b - a >= 0.45 for a, b in zip(starts, starts[1:]))  # one at a time

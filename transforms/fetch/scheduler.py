@@ -2,11 +2,17 @@
 
 A pool of threads that takes URLs in arrival order lets one slow, throttled
 or stalled host fill every thread while the others wait (head-of-line
-blocking). Here each host has its own queue, and one dispatcher thread
-starts a fetch only when its host has a free slot, its turn by rate has
-come, and no earlier fetch of that host is still waiting for its turn. So a
-host holds at most its own slots, and hosts never wait for each other while
+blocking). Here each host has its own queue, and a fetch thread takes the
+next job only from a host that has a free slot, whose turn by rate has come,
+and none of whose earlier fetches is still waiting for its turn. So a host
+holds at most its own slots, and hosts never wait for each other while
 threads are free.
+
+The fetch threads pick their next job themselves (no dispatcher thread): a
+thread whose fetch ends takes the next one without a hand-off, and a thread
+that takes a job wakes one more while others could start. A dispatcher cost
+a thread switch and a Future per request, and on 2 cores its lock made the
+first fetches of a bundle start one by one.
 """
 from __future__ import annotations
 
@@ -60,12 +66,12 @@ class _HostQueue:
 
 
 # Below this spacing between a host's requests a fetch thread may as well
-# wait for its turn itself: the dispatcher need not hold the next one back.
+# wait for its turn itself: the next one need not be held back.
 SPACING_WORTH_WAITING_S = 0.005
 
 
 class HostScheduler:
-    """Per-host queues drained by a dispatcher thread onto `threads` workers.
+    """Per-host queues drained by `threads` fetch threads.
 
     `max_ready` bounds the results done but not yet `take`n, with those still
     in `after`: while that many wait (the caller is busy, e.g. inferring), no
@@ -88,33 +94,40 @@ class HostScheduler:
         self._politeness = politeness
         self._threads = max(1, int(threads))
         self._max_ready = max_ready or max(64, 2 * self._threads)
-        self._pool = concurrent.futures.ThreadPoolExecutor(self._threads,
-                                                           thread_name_prefix="fetch")
         self._after_pool = (concurrent.futures.ThreadPoolExecutor(
             max(1, after_threads), thread_name_prefix="fetch-after") if after else None)
         self._making = 0  # fetched, waiting for or inside `after`
-        # One lock, two conditions: the dispatcher is woken only when it may
+        # One lock, two conditions: fetch threads are woken only when one may
         # start something, the taker only when a result is in. Every needless
         # wake-up is a thread switch and a GIL hand-off, and those, not the
         # network, were most of the CPU a fetch cost.
         self._cond = threading.Condition()
         self._results = threading.Condition(self._cond)
         self._queues: dict[str, _HostQueue] = {}
+        self._hosts: collections.deque = collections.deque()  # hosts with jobs, in turn
         self._running: collections.Counter = collections.Counter()
         self._awaiting: dict[str, int] = {}  # host -> id of the job waiting for its turn
         self._total_running = 0  # jobs on a fetch thread
+        self._idle = 0  # fetch threads waiting for a job
+        self._timed = False  # one idle thread waits for the next host's turn by rate
         self._done: collections.deque = collections.deque()
         self._queued = 0
         self._closed = False
-        self._thread = threading.Thread(target=self._dispatch, name="fetch-dispatcher",
-                                        daemon=True)
-        self._thread.start()
+        self._workers = [threading.Thread(target=self._work, name=f"fetch-{i}", daemon=True)
+                         for i in range(self._threads)]
+        for worker in self._workers:
+            worker.start()
 
     def submit(self, job: Job) -> None:
         with self._cond:
-            self._queues.setdefault(job.host, _HostQueue()).append(job)
+            queue = self._queues.get(job.host)
+            if queue is None:
+                queue = self._queues[job.host] = _HostQueue()
+                self._hosts.append(job.host)
+            queue.append(job)
             self._queued += 1
-            self._cond.notify()
+            if self._idle:
+                self._cond.notify()
 
     def pending(self) -> int:
         """Jobs submitted and not yet taken."""
@@ -143,15 +156,16 @@ class HostScheduler:
         recognises them by their payload."""
         with self._cond:
             self._queues.clear()
+            self._hosts.clear()
             self._queued = 0
             self._done.clear()
             self._wake_all()
 
     def close(self) -> None:
+        """Fetch threads end once their fetch does; results are no longer made."""
         with self._cond:
             self._closed = True
             self._wake_all()
-        self._pool.shutdown(wait=False, cancel_futures=True)
         if self._after_pool is not None:
             self._after_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -160,34 +174,44 @@ class HostScheduler:
         self._cond.notify_all()
         self._results.notify_all()
 
-    # -- the dispatcher
+    # -- the fetch threads
 
-    def _dispatch(self) -> None:
-        rotation = 0
-        with self._cond:
-            while not self._closed:
-                wake = self._start_ready(rotation)
-                rotation += 1
-                if wake is None:
-                    self._cond.wait()
-                elif wake > 0:
-                    self._cond.wait(wake)
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                job = self._claim()
+            if job is None:
+                return
+            self._run(job)
 
-    def _start_ready(self, rotation: int) -> Optional[float]:
-        """Starts every job whose host may go now; returns how long to sleep
-        (0: look again at once; None: until something changes)."""
-        hosts = [h for h, queue in self._queues.items() if queue]
-        if not hosts:
-            return None
-        if (self._total_running >= self._threads
-                or len(self._done) + self._making >= self._max_ready):
-            return None
+    def _claim(self) -> Optional[Job]:
+        """The next job this thread may start, waiting until there is one;
+        None once closed. Called holding `_cond`."""
+        while not self._closed:
+            job, wake = self._next_startable()
+            if job is not None:
+                if self._queued and self._idle:
+                    self._cond.notify()  # another may start too, or wait for a turn
+                return job
+            self._idle += 1
+            if wake is not None and not self._timed:
+                self._timed = True  # one thread sleeps until the turn; the rest until woken
+                self._cond.wait(wake)
+                self._timed = False
+            else:
+                self._cond.wait()
+            self._idle -= 1
+        return None
+
+    def _next_startable(self) -> tuple[Optional[Job], Optional[float]]:
+        """Takes the next job whose host may go now, hosts in turn; else
+        returns how long until one may (None: until something changes)."""
+        if not self._queued or len(self._done) + self._making >= self._max_ready:
+            return None, None
         wake: Optional[float] = None
-        started = False
-        offset = rotation % len(hosts)
-        for host in hosts[offset:] + hosts[:offset]:
-            if self._total_running >= self._threads:
-                break
+        for _ in range(len(self._hosts)):
+            host = self._hosts[0]
+            self._hosts.rotate(-1)
             if self._running[host] >= self._politeness.capacity(host):
                 continue
             if host in self._awaiting and \
@@ -197,24 +221,25 @@ class HostScheduler:
             if wait > 0:
                 wake = wait if wake is None else min(wake, wait)
                 continue
-            job = self._queues[host].popleft()
-            if not self._queues[host]:
+            queue = self._queues[host]
+            job = queue.popleft()
+            if not queue:
                 del self._queues[host]
+                self._hosts.pop()  # the host just turned to the end
             self._queued -= 1
             self._running[host] += 1
             self._total_running += 1
             self._awaiting[host] = job.id
-            self._pool.submit(self._run, job)
-            started = True
-        return 0.0 if started else wake
+            return job, None
+        return None, wake
 
     def _sent(self, job: Job) -> None:
         if self._awaiting.get(job.host) != job.id:  # the usual case: no lock to take
-            return  # (only the dispatcher sets it, to a newer job, under the lock)
+            return  # (only a thread taking a newer job sets it, under the lock)
         with self._cond:
             if self._awaiting.get(job.host) == job.id:
                 del self._awaiting[job.host]
-                if job.host in self._queues:  # its next fetch may go now
+                if job.host in self._queues and self._idle:  # its next fetch may go now
                     self._cond.notify()
 
     def _free_slot(self, job: Job) -> None:
@@ -233,7 +258,7 @@ class HostScheduler:
         except BaseException as exc:  # fetch never raises; if it did, the job still ends
             result = FetchResult(False, reason="internal_error", detail=repr(exc)[:300],
                                  final_url=job.url)
-        with self._cond:  # the host's slot and the thread are free once the answer is in
+        with self._cond:  # the host's slot is free once the answer is in
             self._free_slot(job)
             self._total_running -= 1
             if self._after is None:
@@ -241,8 +266,8 @@ class HostScheduler:
                 self._results.notify_all()
             else:
                 self._making += 1
-            if self._queued:  # a slot and a thread are free for the next one
-                self._cond.notify()
+            # This thread takes the next job itself; a waiting one is woken
+            # only if this one is the last that could (the host was full).
         if self._after is not None:
             try:
                 self._after_pool.submit(self._finish, job, result)

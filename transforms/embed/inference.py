@@ -17,6 +17,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 from apache_beam.pvalue import TaggedOutput
 
+from transforms.common.heap import freeze_long_lived
 from transforms.common.records import FAILURES, failures_of
 from transforms.common.tally import TALLY
 from transforms.embed import dedup as content_dedup
@@ -79,6 +80,7 @@ def _load(model_uri: str, spec: ModelSpec, threads: int, precision: str) -> _Loa
     image_size = spec.image_size if spec.size_from != "model" else 0
     before = models.LOADS[0]
     model = load(model_uri, spec.normalize, image_size, threads)
+    freeze_long_lived()  # a full collection would walk TensorFlow's objects, GIL held
     # RunInference counts a load per step; this counts the process's real ones.
     Metrics.counter("embed", "models_loaded").inc(models.LOADS[0] - before)
     return _Loaded(model.embed, precision)

@@ -49,6 +49,7 @@ from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.common import lease, progress
+from transforms.common.heap import freeze_long_lived
 from transforms.common.lease import LeaseRef
 from transforms.common.records import FAILURES, NOT_MODIFIED, failure
 from transforms.common.tally import TALLY, Tally, latency_key, tally_outputs
@@ -142,6 +143,7 @@ class FetchHostShards(beam.DoFn):
         self._granted: list[tuple[str, Any]] = []  # (host, shard key) held by this instance
         self._bundle = 0
         self.tally = Tally()
+        freeze_long_lived()  # full collections would stall every fetch thread
 
     def start_bundle(self):
         # A bundle that failed never reached finish_bundle: give back what it

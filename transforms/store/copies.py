@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+from typing import Optional
 
 from PIL import Image
 
@@ -55,9 +56,9 @@ class StoredCopy:
 def make_copy(content: bytes, max_pixels: int = 100_000_000,
               short_side: int = STORE_PX) -> StoredCopy:
     """Fetched bytes → the store's copy; DecodeError for what is not a picture."""
-    if _already_a_copy(content, 2 * short_side - 1):
-        with Image.open(io.BytesIO(content)) as image:
-            width, height = image.size
+    size = _size_if_already_a_copy(content, 2 * short_side - 1)
+    if size is not None:
+        width, height = size
         return StoredCopy(content, width, height, width, height, True)
     # The reduced-size decode the model's own decode would do: shorter side
     # >= short_side, at a power-of-two scale of the original.
@@ -78,21 +79,21 @@ def make_copy(content: bytes, max_pixels: int = 100_000_000,
                       source_height, False)
 
 
-def _already_a_copy(content: bytes, max_short_side: int) -> bool:
-    """A small RGB JPEG within the bound, without a rotation to apply."""
-    if len(content) > KEEP_BYTES:
-        return False
+def _size_if_already_a_copy(content: bytes,
+                            max_short_side: int) -> Optional[tuple[int, int]]:
+    """The size of a small RGB JPEG within the bound, without a rotation to
+    apply (read from its header: nothing is decoded); None for anything else."""
+    if len(content) > KEEP_BYTES or not _ends_whole(content):
+        return None
     try:
-        image = Image.open(io.BytesIO(content))
+        with Image.open(io.BytesIO(content)) as image:
+            if (image.format == "JPEG" and image.mode == "RGB"
+                    and min(image.size) <= max_short_side
+                    and image.getexif().get(0x0112, 1) in (None, 1)):
+                return image.size
     except Exception:
-        return False
-    try:
-        return (image.format == "JPEG" and image.mode == "RGB"
-                and min(image.size) <= max_short_side
-                and image.getexif().get(0x0112, 1) in (None, 1)
-                and _ends_whole(content))
-    except Exception:
-        return False
+        pass
+    return None
 
 
 def _ends_whole(content: bytes) -> bool:

@@ -17,6 +17,7 @@ from pipeline.cli import run
 from pipeline.models.make_model import build_model
 from pipeline.demo.sample_data import Media, Occurrence, jpeg_bytes, synthetic_photo, write_dwca
 from tests.conftest import LOOPBACK
+from transforms.compare import planning
 from tests.http_server import FaultServer
 from transforms.write.snapshot import read_latest, read_manifest
 
@@ -131,7 +132,21 @@ def test_failures_are_retried_on_the_next_run(tmp_path, tiny_model, server):
     assert sorted(_rows(output)) == [0, 9]
 
 
-def test_revalidate_reembeds_only_changed_images(tmp_path, tiny_model, server):
+@pytest.mark.parametrize("rows_per_part", [None, 1])
+def test_revalidate_reembeds_only_changed_images(tmp_path, tiny_model, server, monkeypatch,
+                                                 rows_per_part):
+    """Also with the revalidated rows planned one per part: a whole dataset's
+    are streamed to the plan in parts, never held at once."""
+    parts = []
+    if rows_per_part:
+        monkeypatch.setattr(planning, "ROWS_PER_PART", rows_per_part)
+        write_revalidate = planning._write_revalidate
+
+        def counted(*args):
+            parts.extend(write_revalidate(*args))
+            return parts
+
+        monkeypatch.setattr(planning, "_write_revalidate", counted)
     output = str(tmp_path / "out")
     export = _export(tmp_path / "a.zip", server, [0, 1, 2])
     _run(export, tiny_model, output)
@@ -152,6 +167,7 @@ def test_revalidate_reembeds_only_changed_images(tmp_path, tiny_model, server):
     assert rows[2]["embedding"] == before[2]["embedding"]
     assert rows[1]["image_sha256"] != before[1]["image_sha256"]
     assert rows[1]["etag"] == '"v2-1"'
+    assert len(parts) == (3 if rows_per_part else 0)
 
 
 def test_another_model_reembeds_everything(tmp_path, tiny_model, server):

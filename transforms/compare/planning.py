@@ -135,17 +135,21 @@ class _Planner:
         if n:
             self.tally[key] = self.tally.get(key, 0) + n
 
-    def write(self, sql: str, prefix: str, schema: pa.Schema, folder: str,
-              rows_per_part: int = ROWS_PER_PART) -> list[tuple[str, int]]:
+    def write(self, sql: str, prefix: str, schema: Optional[pa.Schema], folder: str,
+              rows_per_part: int = 0) -> list[tuple[str, int]]:
         """The query's rows → parts `<folder>/<prefix>-<id>.parquet` of the
-        schema, streamed a record batch at a time."""
-        reader = self.con.execute(sql).fetch_record_batch(8192)
+        schema (None: the query's own), streamed a record batch at a time, so
+        at most one part is held in memory."""
+        rows_per_part = rows_per_part or ROWS_PER_PART
+        reader = self.con.execute(sql).fetch_record_batch(min(8192, rows_per_part))
         written, pending, rows = [], [], 0
 
         def close():
             nonlocal pending, rows
             if pending:
-                table = pa.Table.from_batches(pending).select(schema.names).cast(schema)
+                table = pa.Table.from_batches(pending)
+                if schema is not None:
+                    table = table.select(schema.names).cast(schema)
                 path = posixpath.join(folder, f"{prefix}-{uuid.uuid4().hex[:16]}.parquet")
                 write_table_atomically(path, table)
                 written.append((path, table.num_rows))
@@ -365,7 +369,8 @@ def _write_reused(planner: _Planner, previous: Optional[_Previous],
 
 def _write_revalidate(planner: _Planner, previous: Optional[_Previous]) -> list[str]:
     """Tasks to ask the host again conditionally, each with its previous row
-    (what a 304 or unchanged bytes reuse)."""
+    (what a 304 or unchanged bytes reuse), in parts: a weekly `--revalidate`
+    of a whole dataset never holds all its rows (embeddings included)."""
     if previous is None or not planner.count(
             "SELECT count(*) FROM decided WHERE decision = 'revalidated'"):
         return []
@@ -374,10 +379,7 @@ def _write_revalidate(planner: _Planner, previous: Optional[_Previous]) -> list[
         FROM (SELECT * FROM decided WHERE decision = 'revalidated') d
         JOIN (SELECT *, {_key(previous.columns)} AS kc FROM {_source(previous.files)}) p
           ON d.kc = p.kc AND d.identifier = p.identifier"""
-    reader = planner.con.execute(sql).fetch_arrow_table()
-    path = posixpath.join(planner.out, f"revalidate-{uuid.uuid4().hex[:16]}.parquet")
-    write_table_atomically(path, reader)
-    return [path]
+    return [path for path, _ in planner.write(sql, "revalidate", None, planner.out)]
 
 
 def _look_up(planner: _Planner, store: ImageStore, url_parts: list[str], use_cache: bool,

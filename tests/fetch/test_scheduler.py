@@ -1,9 +1,11 @@
-"""The scheduler's after-step (the store's copy) runs beside the fetches, not
-on their threads: a fetching thread is back on the network as soon as its
-answer is in. Against a real loopback host that counts requests."""
+"""The scheduler: its after-step (the store's copy) runs beside the fetches,
+not on their threads; a host at its limit holds only its own slots; a turn
+by rate is kept, and not slept through. Against a real loopback host that
+counts requests and when they came."""
 from __future__ import annotations
 
 import threading
+import time
 
 from tests.fetch.test_fetch import JPEG, config
 from tests.http_server import FaultServer
@@ -103,3 +105,31 @@ def test_a_host_at_its_limit_never_holds_the_threads_from_other_hosts():
         assert order.index("slow") >= 6  # every fast one ended before the first slow one
         starts = sorted(t for i in range(3) for t in server.hit_times(f"/slow/{i}.jpg"))
         assert all(b - a >= 0.45 for a, b in zip(starts, starts[1:]))  # one at a time
+
+
+def test_a_turn_by_rate_that_comes_sooner_is_not_slept_through():
+    """One idle thread sleeps until the next turn by rate, the others until
+    woken. When a job comes for a host whose turn is sooner than the one that
+    thread sleeps for, the thread woken for it sleeps until that sooner turn
+    instead: 'mid' may send again in 0.5 s, 'slow' in 2 s."""
+    with FaultServer() as server:
+        politeness = Politeness(4, 0, overrides={"slow": (1, 0.5), "mid": (1, 2.0)})
+        fetcher = Fetcher(config(fetch_concurrency=3, per_host_concurrency=3),
+                          politeness=politeness)
+        scheduler = HostScheduler(fetcher, politeness, threads=3)
+        pause = threading.Event().wait
+        try:
+            pause(0.2)  # every thread waits for work
+            for host in ("slow", "mid"):  # each has just sent a request
+                politeness.release(politeness.acquire(host, deadline=float("inf")))
+            submitted = time.monotonic()
+            scheduler.submit(Job("slow", server.add("/slow.jpg", JPEG)))
+            pause(0.2)  # one thread sleeps for slow's turn, behind the others
+            scheduler.submit(Job("mid", server.add("/mid.jpg", JPEG)))
+            done = _drain(scheduler)
+        finally:
+            scheduler.close()
+            fetcher.close()
+        assert sorted(job.host for job, result, _ in done if result.ok) == ["mid", "slow"]
+        assert server.hit_times("/mid.jpg")[0] - submitted < 1.0
+        assert server.hit_times("/slow.jpg")[0] - submitted > 1.5  # slow kept its turn

@@ -19,7 +19,9 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import itertools
+import math
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -109,7 +111,7 @@ class HostScheduler:
         self._awaiting: dict[str, int] = {}  # host -> id of the job waiting for its turn
         self._total_running = 0  # jobs on a fetch thread
         self._idle = 0  # fetch threads waiting for a job
-        self._timed = False  # one idle thread waits for the next host's turn by rate
+        self._timer_deadline = math.inf  # when the idle thread timed for a turn wakes
         self._done: collections.deque = collections.deque()
         self._queued = 0
         self._closed = False
@@ -194,10 +196,14 @@ class HostScheduler:
                     self._cond.notify()  # another may start too, or wait for a turn
                 return job
             self._idle += 1
-            if wake is not None and not self._timed:
-                self._timed = True  # one thread sleeps until the turn; the rest until woken
+            deadline = None if wake is None else time.monotonic() + wake
+            if deadline is not None and deadline < self._timer_deadline:
+                # This thread sleeps until the next turn by rate; the others
+                # until woken (a turn found later than the timer's is its).
+                self._timer_deadline = deadline
                 self._cond.wait(wake)
-                self._timed = False
+                if self._timer_deadline == deadline:
+                    self._timer_deadline = math.inf
             else:
                 self._cond.wait()
             self._idle -= 1

@@ -27,7 +27,9 @@ It prints the growth of peak RSS per 10× step for each kind of run, and with
 Lines: `memory_growth_<kind>_<N>=<peak at N ÷ peak at N/10>` for every step,
 `memory_growth=` (the largest step of refresh and model change),
 `model_change_efficiency=` (pictures/s of the model change at the largest
-size ÷ the raw rate of the model on the same pictures' sizes), and
+size ÷ the raw rate of the model on the same pictures' sizes),
+`model_change_ceiling=` (the most that ratio can be on this machine's cores,
+for the CPU the model and the decoding of each stored copy take), and
 `svampeatlas_refresh_peak_mb=`, `svampeatlas_refresh_s=`.
 """
 from __future__ import annotations
@@ -222,15 +224,37 @@ def _build_with_ids(template: tuple[str, dict], output: str, urls: list[str],
         pq.write_table(table, path, compression="zstd")
 
 
-def _raw_rate(model: str, size: tuple[int, int], batch_size: int) -> float:
-    """The model alone on decoded batches of the bench's pictures: images/s."""
+def _raw_rate(model: str, batch_size: int) -> tuple[float, float, int]:
+    """The model alone on decoded batches of its input size: images/s, the
+    CPU it spent per picture (ms, all cores together), and that size."""
     import numpy as np
     from transforms.embed.models import load
     loaded = load(model)
     side = loaded.spec.image_size
     batches = [np.random.default_rng(i).integers(0, 255, (batch_size, side, side, 3),
                                                  dtype=np.uint8) for i in range(4)]
-    return common.tight_loop(loaded.embed, batches, seconds=5.0)
+    cpu = time.process_time()
+    start = time.perf_counter()
+    rate = common.tight_loop(loaded.embed, batches, seconds=5.0)
+    images = rate * (time.perf_counter() - start)  # the warm-up call's share is small
+    return rate, 1000 * (time.process_time() - cpu) / images, side
+
+
+def _decode_cpu_ms(folder: str, names: list[str], side: int) -> float:
+    """CPU per picture (ms) of what a model change does to a stored copy
+    before the model sees it, and a tight loop does not: decode, resize."""
+    from transforms.common.pictures import decode_rgb
+    from transforms.embed.decode import model_input
+    contents = []
+    for name in names:
+        with open(os.path.join(folder, name), "rb") as handle:
+            contents.append(handle.read())
+    rounds = max(1, 400 // len(contents))
+    cpu = time.process_time()
+    for _ in range(rounds):
+        for content in contents:
+            model_input(decode_rgb(content, "squash", side)[0], "squash", side)
+    return 1000 * (time.process_time() - cpu) / (rounds * len(contents))
 
 
 def main() -> None:
@@ -303,9 +327,16 @@ def main() -> None:
             print(f"memory_growth={max(growth):.3f}")
         if rates:
             largest = max(rates)
-            raw = _raw_rate(other, size, args.batch_size)
+            raw, model_ms, side = _raw_rate(other, args.batch_size)
+            decode_ms = _decode_cpu_ms(images, names, side)
+            ceiling = 1000 * (os.cpu_count() or 1) / (model_ms + decode_ms)
             print(f"model change at {largest}: {rates[largest]:.0f} pictures/s end to end, "
-                  f"the model alone {raw:.0f} pictures/s (1 process, tight loop)")
+                  f"the model alone {raw:.0f} pictures/s (1 process, tight loop, "
+                  f"{model_ms:.2f} ms of CPU a picture)")
+            print(f"CPU ceiling: {os.cpu_count()} cores ÷ (the model {model_ms:.2f} + decoding "
+                  f"and resizing a copy {decode_ms:.2f} ms of CPU a picture) = "
+                  f"{ceiling:.0f} pictures/s")
+            print(f"model_change_ceiling={min(1.0, ceiling / raw):.3f}")
             print(f"model_change_efficiency={rates[largest] / raw:.3f}")
         if args.svampeatlas or args.only_svampeatlas:
             peak, seconds = _svampeatlas(work, template, model_dir, args.batch_size)

@@ -272,8 +272,8 @@ class HostScheduler:
                 self._results.notify_all()
             else:
                 self._making += 1
-            # This thread takes the next job itself; a waiting one is woken
-            # only if this one is the last that could (the host was full).
+            # No one is woken: this thread takes the next job itself
+            # (`_claim`), and wakes another there if more could start.
         if self._after is not None:
             try:
                 self._after_pool.submit(self._finish, job, result)

@@ -9,6 +9,12 @@ lines ignore it). So the import runs with descriptor 2 redirected to a file,
 and afterwards every line that is not one of those known notices is written
 back: a real warning stays visible. `GBIF_EMBED_VERBOSE=1` (what `--verbose`
 sets), or `TF_CPP_MIN_LOG_LEVEL` set by the user, leaves TensorFlow alone.
+
+The import also keeps scikit-learn out: TensorFlow's import loads Keras,
+whose scikit-learn wrappers import scikit-learn (and SciPy's parts it needs)
+when it is installed, as the explore extra installs it. Nothing here uses
+those wrappers, and that import is 0.5 s of CPU in every process that
+embeds (CPU F): Keras takes scikit-learn's absence as it is meant to.
 """
 from __future__ import annotations
 
@@ -17,7 +23,8 @@ import re
 import sys
 import tempfile
 import threading
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 VERBOSE_ENV = "GBIF_EMBED_VERBOSE"
 # Lines TensorFlow prints at import on a CPU machine, that say nothing about a run.
@@ -58,11 +65,27 @@ def import_tensorflow() -> Any:
     with _LOCK:
         if "tensorflow" in sys.modules:
             return sys.modules["tensorflow"]
-        if verbose():
-            import tensorflow
-            return tensorflow
-        quiet_environment()
-        return _import_with_stderr_filtered()
+        with _without_sklearn():
+            if verbose():
+                import tensorflow
+                return tensorflow
+            quiet_environment()
+            return _import_with_stderr_filtered()
+
+
+@contextmanager
+def _without_sklearn() -> Iterator[None]:
+    """`import sklearn` fails meanwhile (a None in sys.modules makes it an
+    ImportError), unless it is already imported; afterwards it imports as usual."""
+    if "sklearn" in sys.modules:
+        yield
+        return
+    sys.modules["sklearn"] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if sys.modules.get("sklearn", 0) is None:
+            del sys.modules["sklearn"]
 
 
 def _import_with_stderr_filtered() -> Any:

@@ -23,8 +23,9 @@ import re
 import sys
 import tempfile
 import threading
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
+
+from transforms.common.imports import without_modules
 
 VERBOSE_ENV = "GBIF_EMBED_VERBOSE"
 # Lines TensorFlow prints at import on a CPU machine, that say nothing about a run.
@@ -65,27 +66,13 @@ def import_tensorflow() -> Any:
     with _LOCK:
         if "tensorflow" in sys.modules:
             return sys.modules["tensorflow"]
-        with _without_sklearn():
+        with without_modules("sklearn"):
             if verbose():
                 import tensorflow
                 return tensorflow
             quiet_environment()
             return _import_with_stderr_filtered()
 
-
-@contextmanager
-def _without_sklearn() -> Iterator[None]:
-    """`import sklearn` fails meanwhile (a None in sys.modules makes it an
-    ImportError), unless it is already imported; afterwards it imports as usual."""
-    if "sklearn" in sys.modules:
-        yield
-        return
-    sys.modules["sklearn"] = None  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        if sys.modules.get("sklearn", 0) is None:
-            del sys.modules["sklearn"]
 
 
 def _import_with_stderr_filtered() -> Any:

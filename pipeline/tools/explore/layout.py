@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import warnings
 
 import numpy as np
+
+from transforms.common.imports import without_modules
 
 _LOG = logging.getLogger(__name__)
 
@@ -65,16 +66,9 @@ def _import_umap():
     os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(
         os.path.expanduser("~"), ".cache", "gbif-embed-numba"))
     import sklearn.base  # noqa: F401 (imported first: it looks at sys.modules itself)
-    hidden = [name for name in ("tensorflow", "keras") if name not in sys.modules]
-    for name in hidden:
-        sys.modules[name] = None  # an import of it raises ImportError
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import umap
-    finally:
-        for name in hidden:
-            sys.modules.pop(name, None)
+    with without_modules("tensorflow", "keras"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import umap
     return umap
 
 

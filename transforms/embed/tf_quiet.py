@@ -74,7 +74,6 @@ def import_tensorflow() -> Any:
             return _import_with_stderr_filtered()
 
 
-
 def _import_with_stderr_filtered() -> Any:
     try:
         sys.stderr.flush()

@@ -15,7 +15,9 @@ from typing import Iterator
 @contextmanager
 def without_modules(*names: str) -> Iterator[None]:
     """`import name` raises ImportError meanwhile, for each name not yet
-    imported; afterwards each imports as usual."""
+    imported; afterwards each imports as usual. `sys.modules` is the
+    process's: use it where no other thread may import those names meanwhile
+    (a process's set-up, before its threads start using them)."""
     hidden = [name for name in names if name not in sys.modules]
     for name in hidden:
         sys.modules[name] = None  # type: ignore[assignment]
